@@ -1,0 +1,39 @@
+# Two set-up commands for a fresh machine (Python 3.11 and git are all it needs):
+#   make reproduce   create .venv, install, run the pipeline at the smoke scale
+#   make test        create .venv, install, run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+
+.PHONY: install reproduce test bench params ui clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 required, .venv has {sys.version.split()[0]}"'
+	# torch first and exactly: a looser request would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+reproduce: install
+	$(BIN)/snakemake --cores all
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/mow bench
+
+params: install
+	$(BIN)/mow params
+
+ui: install
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf runs results/raw .snakemake

@@ -1,0 +1,3 @@
+from mow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""Environment suites behind one factory: `make_env(suite, task, protocol, ...)`.
+
+Every env yields uint8 [S, S, 3] RGB observations, a Discrete action space (the task's
+minimal set, or the 18 ALE actions with `full_action_space`), `info["life_loss"]` on every
+step, and `get_state`/`set_state` for bit-exact resumption. `legal_action_mask` says which
+actions of the chosen space belong to a task's minimal set, so that one shared actor over
+18 actions can mask its logits per task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import gymnasium
+import numpy as np
+
+from mow.envs.atari import (
+    ATARI_GAMES,
+    ATARI_MINIMAL_ACTIONS,
+    FULL_ACTIONS,
+    AtariEnv,
+    check_game,
+    minimal_action_ids,
+)
+from mow.envs.sanity import SANITY_REFERENCE, SANITY_TASKS, make_sanity_env, sanity_action_count
+from mow.envs.vector import VectorEnv, VectorStep
+
+__all__ = [
+    "ATARI_GAMES",
+    "ATARI_MINIMAL_ACTIONS",
+    "SANITY_REFERENCE",
+    "SANITY_TASKS",
+    "SUITES",
+    "VectorEnv",
+    "VectorStep",
+    "legal_action_mask",
+    "make_env",
+]
+
+SUITES: tuple[str, ...] = ("atari", "sanity")
+_ATARI_KEYS = ("sticky_prob", "noop_max", "frame_skip", "max_frames", "image_size")
+
+
+def _check_suite(suite: str) -> None:
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
+
+
+def make_env(
+    suite: str,
+    task: str,
+    protocol: Mapping[str, Any],
+    *,
+    seed: int,
+    train: bool,
+    full_action_space: bool = False,
+) -> gymnasium.Env:
+    """Build one env of `suite` under `protocol` and reset it with `seed`.
+
+    Atari reads sticky_prob, noop_max, frame_skip, max_frames and image_size from
+    `protocol`; the sanity tasks read only image_size. `train=False` turns life-loss
+    reporting off (evaluation envs). Other protocol keys are ignored. The action space
+    is not seeded and not part of `get_state`: draw random actions from the caller's RNG.
+    """
+    _check_suite(suite)
+    if suite == "atari":
+        check_game(task)
+        missing = [key for key in _ATARI_KEYS if key not in protocol]
+        if missing:
+            raise ValueError(f"protocol lacks {', '.join(missing)} needed by Atari envs")
+        env = AtariEnv(
+            task,
+            sticky_prob=float(protocol["sticky_prob"]),
+            noop_max=int(protocol["noop_max"]),
+            frame_skip=int(protocol["frame_skip"]),
+            max_frames=int(protocol["max_frames"]),
+            image_size=int(protocol["image_size"]),
+            train=train,
+            full_action_space=full_action_space,
+        )
+    else:
+        env = make_sanity_env(
+            task,
+            image_size=int(protocol.get("image_size", 64)),
+            full_action_space=full_action_space,
+        )
+    env.reset(seed=seed)
+    return env
+
+
+def legal_action_mask(suite: str, task: str, full_action_space: bool) -> np.ndarray:
+    """Bool mask over the env's action space marking the task's minimal action set.
+
+    Without `full_action_space` every action is legal; with it the mask has 18 entries
+    (ALE action ids for Atari; the task's actions first for the sanity tasks).
+    """
+    _check_suite(suite)
+    legal_ids = list(
+        minimal_action_ids(task) if suite == "atari" else range(sanity_action_count(task))
+    )
+    if not full_action_space:
+        return np.ones(len(legal_ids), bool)
+    mask = np.zeros(FULL_ACTIONS, bool)
+    mask[legal_ids] = True
+    return mask

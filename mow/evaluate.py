@@ -1,0 +1,126 @@
+"""Protocol-exact evaluation of a final model, written as a raw per-episode JSON file.
+
+Episodes are split evenly over `eval_envs` parallel envs and each env plays exactly its
+quota (taking the first N episodes to finish would favour short episodes). Envs are built
+without the life-loss signal; the policy samples or acts greedily as the protocol says.
+Returns include the final step's reward (the official STORM logger drops it).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mow import checkpoint
+from mow.envs import make_env
+from mow.envs.vector import VectorEnv
+from mow.policy import ContextWindow, Policy, random_actions
+from mow.runs import RunSpec
+from mow.runtime import make_runtime
+from mow.tracking import git_commit
+
+RAW_FORMAT = 1
+EVAL_SEED_OFFSET = 10_000  # evaluation envs never reuse a training seed
+
+
+def load_model(path: Path | str, device: torch.device):
+    """Rebuild the world model and actor-critic of a final model file (checksum verified)."""
+    from mow.config import Params, freeze
+    from mow.train import build_models
+
+    payload = checkpoint.load(path)
+    params = Params(tree=freeze(payload["params"]), source=str(path))
+    wm, ac = build_models(params, payload["num_actions"], device)
+    wm.load_state_dict(payload["world_model"])
+    ac.load_state_dict(payload["actor_critic"])
+    wm.eval()
+    ac.eval()
+    return payload, params, wm, ac
+
+
+def episode_quotas(episodes: int, envs: int) -> np.ndarray:
+    envs = min(envs, episodes)
+    quotas = np.full(envs, episodes // envs)
+    quotas[: episodes % envs] += 1
+    return quotas
+
+
+def run_episodes(policy: Policy, envs: VectorEnv, quotas: np.ndarray, *, greedy: bool, seed: int,
+                 act_context: int, runtime) -> list[dict]:
+    n = envs.num_envs
+    rng = np.random.default_rng(seed)
+    num_actions = int(envs.single_action_space.n)
+    context = ContextWindow(n, act_context, envs.single_observation_space.shape, runtime.device)
+    obs = envs.reset(seed=seed)
+    done = np.zeros(n, dtype=int)
+    episodes: list[dict] = []
+    while (done < quotas).any():
+        obs_t = torch.from_numpy(obs).to(runtime.device)
+        actions = policy(context, obs_t, greedy=greedy)
+        actions = random_actions(rng, n, num_actions) if actions is None else actions.cpu().numpy()
+        out = envs.step(actions)
+        context.push(obs_t, torch.from_numpy(np.asarray(actions, dtype=np.int64)).to(runtime.device))
+        obs = out.obs
+        for i, ret, length in out.finished:
+            if done[i] < quotas[i]:
+                episodes.append({"env": int(i), "return": float(ret), "length": int(length)})
+                done[i] += 1
+    return episodes
+
+
+def evaluate(model_file: Path | str, *, out_path: Path | str, episodes: int | None = None,
+             device: str | None = None) -> dict:
+    """Evaluate a model file under the protocol it was trained for; write and return the raw record."""
+    model_file = Path(model_file)
+    started = time.perf_counter()
+    runtime = make_runtime({"threads": 0, "deterministic": False, "device": device or "auto", "precision": "fp32"})
+    payload, params, wm, ac = load_model(model_file, runtime.device)
+    spec = RunSpec(**payload["spec"])
+    protocol = dict(params.protocol(spec.protocol))
+    n_episodes = episodes or protocol["eval_episodes"]
+    quotas = episode_quotas(n_episodes, protocol["eval_envs"])
+    seed = spec.seed + EVAL_SEED_OFFSET
+    envs = VectorEnv([partial(make_env, spec.suite, spec.task, protocol, seed=seed + i, train=False)
+                      for i in range(len(quotas))])
+    policy = Policy(wm, ac, runtime, act_latent=params["train"]["act_latent"])
+    try:
+        eps = run_episodes(policy, envs, quotas, greedy=protocol["eval_policy"] == "greedy", seed=seed,
+                           act_context=params["train"]["act_context"], runtime=runtime)
+    finally:
+        envs.close()
+    returns = [e["return"] for e in eps]
+    record = {
+        "format": RAW_FORMAT,
+        "suite": spec.suite, "method": spec.method, "variant": spec.variant, "task": spec.task,
+        "seed": spec.seed, "scale": spec.scale, "protocol": spec.protocol, "protocol_config": protocol,
+        "policy": protocol["eval_policy"], "env_steps_trained": payload["env_steps"],
+        "episodes": eps, "returns": returns, "lengths": [e["length"] for e in eps],
+        "mean_return": float(np.mean(returns)), "std_return": float(np.std(returns)),
+        "checkpoint": str(model_file), "checkpoint_sha256": checkpoint.file_sha256(model_file),
+        "params_hash": payload["params_hash"], "mlflow_run_id": payload.get("mlflow_run_id"),
+        "git_commit": git_commit(), "host": platform.node(), "device": str(runtime.device),
+        "eval_seconds": round(time.perf_counter() - started, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    checkpoint.atomic_write_text(Path(out_path), json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def read_raw(path: Path | str) -> dict:
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable raw result ({exc})") from None
+    missing = [k for k in ("suite", "method", "task", "seed", "protocol", "returns", "scale") if k not in record]
+    if missing:
+        raise ValueError(f"{path}: raw result lacks {', '.join(missing)}")
+    return record
+

@@ -1,0 +1,142 @@
+"""STORM actor-critic trained on imagined trajectories (SPEC §6.6).
+
+The actor is a categorical policy over a fixed action set; an optional boolean mask
+restricts it to a subset (MoW's shared 18-action actor, masked to each game's minimal
+set). The critic predicts symlog two-hot values; a slow (EMA) copy regularises it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributions import Categorical
+
+from mow.models.heads import mlp_trunk
+from mow.models.world_model import Imagination
+from mow.numerics import LAMBDA_FORMS, PercentileNormalizer, TwoHot, lambda_return
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Actor-critic hyper-parameters; defaults are STORM's (SPEC §2.2)."""
+
+    hidden: int = 512
+    """Width of the actor and critic MLP trunks."""
+    layers: int = 2
+    """Layers of the actor and critic trunks."""
+    value_bins: int = 255
+    """Symlog two-hot bins of the critic."""
+    gamma: float = 0.985
+    """Discount."""
+    lam: float = 0.95
+    """λ of the λ-return."""
+    entropy: float = 3e-4
+    """Entropy bonus coefficient η."""
+    slow_critic_decay: float = 0.98
+    """EMA decay of the slow critic (slow <- decay * slow + (1 - decay) * critic)."""
+    percentile_decay: float = 0.99
+    """EMA decay of the return percentiles."""
+    percentile_low: float = 0.05
+    """Lower return percentile of the normaliser."""
+    percentile_high: float = 0.95
+    """Upper return percentile of the normaliser."""
+    lambda_form: str = "official"
+    """"official": V(s_t) in the (1-λ) term as STORM's code; "paper": V(s_{t+1})."""
+
+    def __post_init__(self) -> None:
+        if self.lambda_form not in LAMBDA_FORMS:
+            raise ValueError(f"lambda_form must be one of {LAMBDA_FORMS}, got {self.lambda_form!r}")
+        if not 0.0 <= self.slow_critic_decay <= 1.0:
+            raise ValueError(f"slow_critic_decay must be in [0, 1], got {self.slow_critic_decay}")
+
+
+def mask_logits(logits: torch.Tensor, action_mask: torch.Tensor | None) -> torch.Tensor:
+    """Set the logits of illegal actions to -inf (mask: bool, True = legal, broadcastable)."""
+    if action_mask is None:
+        return logits
+    return logits.masked_fill(~action_mask.to(device=logits.device, dtype=torch.bool), float("-inf"))
+
+
+class ActorCritic(nn.Module):
+    """Actor, critic, slow critic and return normaliser of one agent."""
+
+    def __init__(self, cfg: AgentConfig, state_dim: int, num_actions: int) -> None:
+        super().__init__()
+        self.cfg, self.state_dim, self.num_actions = cfg, state_dim, num_actions
+        self.actor = nn.Sequential(
+            mlp_trunk(state_dim, cfg.hidden, cfg.layers), nn.Linear(cfg.hidden, num_actions)
+        )
+        self.critic = nn.Sequential(
+            mlp_trunk(state_dim, cfg.hidden, cfg.layers), nn.Linear(cfg.hidden, cfg.value_bins)
+        )
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.two_hot = TwoHot(cfg.value_bins)
+        self.normalizer = PercentileNormalizer(
+            cfg.percentile_decay, cfg.percentile_low, cfg.percentile_high
+        )
+
+    def policy(self, states: torch.Tensor, action_mask: torch.Tensor | None = None) -> Categorical:
+        """Masked categorical policy over actions for ``[..., state_dim]`` states (float32 logits)."""
+        logits = mask_logits(self.actor(states).float(), action_mask)
+        return Categorical(logits=logits, validate_args=False)
+
+    @torch.no_grad()
+    def act(
+        self, state: torch.Tensor, greedy: bool = False, action_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Long ``[B]`` actions: sampled, or the most likely legal one when ``greedy``."""
+        dist = self.policy(state, action_mask)
+        return dist.logits.argmax(dim=-1) if greedy else dist.sample()
+
+    def compute_loss(
+        self, imag: Imagination, action_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Actor-critic loss on an imagined batch (SPEC §6.6); updates the percentile EMAs.
+
+        value loss = CE(V(s_t), sg G^λ[critic]) + CE(V(s_t), sg G^λ[slow critic]);
+        policy loss = -mean(log π(a_t|s_t) · sg((G^λ - V(s_t)) / max(1, S))) - η · mean H(π).
+        """
+        cfg = self.cfg
+        states = imag.states
+        dist = self.policy(states[:, :-1], action_mask)
+        log_prob = dist.log_prob(imag.actions)
+        entropy = dist.entropy().mean()
+        value_logits = self.critic(states)
+
+        with torch.no_grad():
+            continues = 1.0 - imag.terminations.float()
+            values = self.two_hot.decode(value_logits)
+            slow_values = self.two_hot.decode(self.slow_critic(states))
+            returns = lambda_return(
+                imag.rewards, values, continues, cfg.gamma, cfg.lam, cfg.lambda_form
+            )
+            slow_returns = lambda_return(
+                imag.rewards, slow_values, continues, cfg.gamma, cfg.lam, cfg.lambda_form
+            )
+            scale = self.normalizer.update(returns)
+            advantage = (returns - values[:, :-1]) / scale
+
+        value_loss = self.two_hot.loss(value_logits[:, :-1], returns) + self.two_hot.loss(
+            value_logits[:, :-1], slow_returns
+        )
+        policy_loss = -(log_prob * advantage).mean()
+        total = policy_loss + value_loss - cfg.entropy * entropy
+        metrics = {
+            "ac/total": total,
+            "ac/policy": policy_loss,
+            "ac/value": value_loss,
+            "ac/entropy": entropy,
+            "ac/return_mean": returns.mean(),
+            "ac/scale": scale,
+            "ac/advantage_mean": advantage.mean(),
+        }
+        return total, {name: value.detach() for name, value in metrics.items()}
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        """slow <- decay * slow + (1 - decay) * critic, parameter by parameter."""
+        for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
+            slow.lerp_(fast, 1.0 - self.cfg.slow_critic_decay)

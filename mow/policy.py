@@ -1,0 +1,76 @@
+"""Acting in the real environment with a world model and an actor.
+
+STORM's official code chooses the action for step t from [z_hat_t, h_{t-1}], where h_{t-1}
+comes from the last L (frame, action) pairs *before* o_t and z_hat_t is a sample of the
+prior; o_t only enters the context afterwards (`act_latent: prior`, the default, as the
+reported scores were produced that way). `act_latent: posterior` instead uses the
+posterior sample of the current frame o_t with the same h_{t-1}, so the policy reacts to
+what it sees now. The context is not cleared at episode ends, as in the official code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class ContextWindow:
+    """The last `length` (frame, action) pairs of every env, on the model's device."""
+
+    def __init__(self, num_envs: int, length: int, obs_shape: tuple[int, ...], device: torch.device):
+        self.obs = torch.zeros((num_envs, length, *obs_shape), dtype=torch.uint8, device=device)
+        self.actions = torch.zeros((num_envs, length), dtype=torch.long, device=device)
+        self.count = 0
+
+    def push(self, obs: torch.Tensor, actions: torch.Tensor) -> None:
+        self.obs = torch.roll(self.obs, -1, dims=1)
+        self.actions = torch.roll(self.actions, -1, dims=1)
+        self.obs[:, -1] = obs
+        self.actions[:, -1] = actions
+        self.count = min(self.count + 1, self.obs.shape[1])
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.obs[:, -self.count:], self.actions[:, -self.count:]
+
+    def state_dict(self) -> dict:
+        return {"obs": self.obs.cpu(), "actions": self.actions.cpu(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.obs.copy_(state["obs"])
+        self.actions.copy_(state["actions"])
+        self.count = state["count"]
+
+
+class Policy:
+    """Maps the current observations (plus the context window) to env actions."""
+
+    def __init__(self, world_model, actor_critic, runtime, *, act_latent: str = "prior", action_mask: torch.Tensor | None = None):
+        if act_latent not in ("prior", "posterior"):
+            raise ValueError(f"train.act_latent: unknown value '{act_latent}' (valid: prior, posterior)")
+        self.wm, self.ac, self.runtime = world_model, actor_critic, runtime
+        self.act_latent = act_latent
+        self.action_mask = action_mask
+
+    @torch.no_grad()
+    def __call__(self, context: ContextWindow, current_obs: torch.Tensor, *, greedy: bool) -> torch.Tensor | None:
+        """Actions [N] on the device, or None while the context is empty (caller acts randomly)."""
+        if context.count == 0:
+            return None
+        obs_ctx, act_ctx = context.view()
+        was_training = self.wm.training
+        self.wm.eval()
+        try:
+            with self.runtime.autocast():
+                state = self.wm.act_state(obs_ctx, act_ctx)
+                if self.act_latent == "posterior":
+                    z = self.wm.vae.sample(self.wm.vae.encode(current_obs)).to(state.dtype)
+                    state = torch.cat([z, state[:, z.shape[-1]:]], dim=-1)
+                return self.ac.act(state.float(), greedy=greedy, action_mask=self.action_mask)
+        finally:
+            self.wm.train(was_training)
+
+
+def random_actions(rng: np.random.Generator, num_envs: int, num_actions: int, legal: np.ndarray | None = None) -> np.ndarray:
+    if legal is None:
+        return rng.integers(0, num_actions, size=num_envs)
+    return rng.choice(np.flatnonzero(legal), size=num_envs)

@@ -1,0 +1,74 @@
+"""Device, precision, threads and seeding: decided once per process from `train.*` params."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None   # None = full fp32
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.amp_dtype is None else "bf16"
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device: '{name}' requested but CUDA is not available on this machine")
+    return device
+
+
+def make_runtime(train_cfg) -> Runtime:
+    """`precision: auto` is bf16 on a bf16-capable GPU (STORM trains in bf16) and fp32 elsewhere."""
+    if train_cfg["threads"]:
+        torch.set_num_threads(int(train_cfg["threads"]))
+    if train_cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    device = select_device(train_cfg["device"])
+    precision = train_cfg["precision"]
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if bf16 else "fp32"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device=device, amp_dtype=torch.bfloat16 if precision == "bf16" else None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    legacy = np.random.get_state()
+    np.random.set_state((legacy[0], np.asarray(state["numpy"], dtype=np.uint32), *legacy[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,302 @@
+"""The STORM training loop: act, store, one world-model update and one imagination
+actor-critic update per env step (the ratio is `train.update_ratio`), checkpoint, resume.
+
+Rerunning the same command continues a killed run from its last complete checkpoint
+(models, optimisers, replay, envs, RNG streams, step, MLflow run), and on CPU ends with
+exactly the weights an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mow import checkpoint
+from mow.config import Params
+from mow.envs import legal_action_mask, make_env
+from mow.envs.vector import VectorEnv
+from mow.models.actor_critic import ActorCritic
+from mow.models.world_model import WorldModel
+from mow.policy import ContextWindow, Policy, random_actions
+from mow.replay import ReplayBuffer
+from mow.runs import RunSpec, model_path, state_path
+from mow.runtime import make_runtime, rng_state, seed_everything, set_rng_state
+from mow.tracking import Tracker, flatten
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or Inf; the message names the step and the loss."""
+
+
+def build_models(params: Params, num_actions: int, device: torch.device) -> tuple[WorldModel, ActorCritic]:
+    wm = WorldModel(params.world_model_config(), num_actions).to(device)
+    ac = ActorCritic(params.agent_config(), wm.state_dim, num_actions).to(device)
+    return wm, ac
+
+
+def config_mismatch(saved: dict, current: dict) -> str:
+    """The first differing keys between two resolved parameter trees, for error messages."""
+    a, b = flatten(saved), flatten(current)
+    diffs = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    shown = ", ".join(f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in diffs[:3])
+    return shown + (f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else "")
+
+
+class MetricAccumulator:
+    """Sums detached metric tensors on the device; one host sync per log interval."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).cpu().tolist()
+        out = {k: v / self.counts[k] for k, v in zip(keys, values)}
+        self.sums.clear()
+        self.counts.clear()
+        return out
+
+
+class Trainer:
+    def __init__(self, spec: RunSpec, params: Params, *, runs_root: Path | str = "runs", track: bool = True,
+                 progress: bool = True, log=print):
+        self.spec, self.params, self.log = spec, params, log
+        self.cfg = params["train"]
+        self.protocol = params.protocol(spec.protocol)
+        self.run_dir = spec.run_dir(runs_root)
+        self.progress = progress
+        self.track = track
+        self.runtime = make_runtime(self.cfg)
+        device = self.runtime.device
+
+        seed_everything(spec.seed)
+        n = self.cfg["num_envs"]
+        env_fn = partial(make_env, spec.suite, spec.task, self.protocol, train=True)
+        self.envs = VectorEnv([partial(env_fn, seed=spec.seed * 1000 + i) for i in range(n)])
+        self.num_actions = int(self.envs.single_action_space.n)
+        self.legal = legal_action_mask(spec.suite, spec.task, full_action_space=False)
+        self.wm, self.ac = build_models(params, self.num_actions, device)
+        self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=self.cfg["wm_lr"], eps=self.cfg["wm_eps"])
+        self.ac_opt = torch.optim.Adam([p for p in self.ac.parameters() if p.requires_grad],
+                                       lr=self.cfg["ac_lr"], eps=self.cfg["ac_eps"])
+        obs_shape = self.envs.single_observation_space.shape
+        self.replay = ReplayBuffer(self.cfg["buffer_capacity"], n, obs_shape, device=device, seed=spec.seed)
+        self.context = ContextWindow(n, self.cfg["act_context"], obs_shape, device)
+        self.policy = Policy(self.wm, self.ac, self.runtime, act_latent=self.cfg["act_latent"])
+        self.action_rng = np.random.default_rng(spec.seed)
+        self.step = 0
+        self.update_credit = 0.0
+        self.updates = 0
+        self.obs = self.envs.reset(seed=spec.seed * 1000)
+        self.mlflow_run_id: str | None = None
+        self.metrics = MetricAccumulator()
+
+    # -- checkpoint ------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "spec": asdict(self.spec), "params": self.params.to_dict(),
+            "params_hash": self.params.digest(), "step": self.step, "updates": self.updates,
+            "update_credit": self.update_credit, "world_model": self.wm.state_dict(),
+            "actor_critic": self.ac.state_dict(), "wm_opt": self.wm_opt.state_dict(), "ac_opt": self.ac_opt.state_dict(),
+            "replay": self.replay.state_dict(), "context": self.context.state_dict(), "envs": self.envs.get_state(),
+            "obs": self.obs, "rng": rng_state(), "action_rng": self.action_rng.bit_generator.state,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+
+    def save(self) -> None:
+        checkpoint.save(state_path(self.run_dir), self._state())
+
+    def restore(self) -> bool:
+        found = checkpoint.load_latest(state_path(self.run_dir), warn=self.log)
+        if found is None:
+            return False
+        state, path = found
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise checkpoint.CheckpointError(f"{path}: checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
+        if state["spec"] != asdict(self.spec):
+            raise checkpoint.CheckpointError(f"{path}: written for run {state['spec']}, not {asdict(self.spec)}")
+        if state["params_hash"] != self.params.digest():  # device/threads may differ
+            raise checkpoint.CheckpointError(
+                f"{path}: written with a different configuration ({config_mismatch(state['params'], self.params.to_dict())}); "
+                f"use another run folder or restore the parameters")
+        self.wm.load_state_dict(state["world_model"])
+        self.ac.load_state_dict(state["actor_critic"])
+        self.wm_opt.load_state_dict(state["wm_opt"])
+        self.ac_opt.load_state_dict(state["ac_opt"])
+        self.replay.load_state_dict(state["replay"])
+        self.context.load_state_dict(state["context"])
+        self.envs.set_state(state["envs"])
+        self.obs = state["obs"]
+        set_rng_state(state["rng"])
+        self.action_rng.bit_generator.state = state["action_rng"]
+        self.step, self.updates, self.update_credit = state["step"], state["updates"], state["update_credit"]
+        self.mlflow_run_id = state["mlflow_run_id"]
+        self.log(f"resumed {self.spec.name} from {path} at env step {self.step}")
+        return True
+
+    # -- updates -----------------------------------------------------------------------
+    def update_world_model(self) -> None:
+        batch = self.replay.sample(self.cfg["wm_batch"], self.cfg["wm_seq_len"])
+        self.wm.train()
+        with self.runtime.autocast():
+            loss, metrics = self.wm.compute_loss(batch.obs, batch.actions, batch.rewards, batch.terminations)
+        self.wm_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["wm/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), self.cfg["wm_clip"])
+        self.wm_opt.step()
+        self.metrics.add(metrics)
+
+    def update_actor_critic(self) -> None:
+        ctx = self.replay.sample(self.cfg["imag_batch"], self.cfg["imag_context"])
+        with self.runtime.autocast():
+            imagination = self.wm.imagine(lambda s: self.ac.act(s), ctx.obs, ctx.actions, self.cfg["imag_horizon"])
+            loss, metrics = self.ac.compute_loss(imagination)
+        self.ac_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        metrics["ac/grad_norm"] = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.ac.parameters() if p.requires_grad], self.cfg["ac_clip"])
+        self.ac_opt.step()
+        self.ac.update_slow_critic()
+        metrics["imag/reward_mean"] = imagination.rewards.float().mean()
+        metrics["imag/termination_rate"] = imagination.terminations.float().mean()
+        self.metrics.add(metrics)
+
+    # -- main loop ---------------------------------------------------------------------
+    def act(self) -> np.ndarray:
+        n = self.cfg["num_envs"]
+        obs_t = torch.from_numpy(self.obs).to(self.runtime.device)
+        actions = None
+        if self.step >= self.cfg["warmup_steps"]:
+            actions = self.policy(self.context, obs_t, greedy=False)
+        if actions is None:
+            return random_actions(self.action_rng, n, self.num_actions)
+        return actions.cpu().numpy()
+
+    def run(self) -> Path:
+        resumed = self.restore()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.params.to_dict(), sort_keys=False))
+        self.tracker = Tracker(self.run_dir, suite=self.spec.suite, method=self.spec.method, variant=self.spec.variant,
+                               task=self.spec.task, seed=self.spec.seed, protocol=self.spec.protocol, scale=self.spec.scale,
+                               params_tree=self.params.to_dict(), params_hash=self.params.digest(),
+                               resume_run_id=self.mlflow_run_id, enabled=self.track)
+        self.mlflow_run_id = self.tracker.run_id
+        if resumed:
+            self.tracker.truncate_after(self.step)
+        try:
+            self._loop()
+            self.save()
+            out = self._write_model()
+        except BaseException:
+            self.tracker.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+            raise
+        finally:
+            self.envs.close()
+        return out
+
+    def _loop(self) -> None:
+        cfg, n = self.cfg, self.cfg["num_envs"]
+        total = cfg["env_steps"]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=self.step, unit="step", desc=self.spec.name, dynamic_ncols=True,
+                       mininterval=1.0, file=sys.stderr)
+        last_log_step, last_time, last_updates = self.step, time.perf_counter(), self.updates
+        episode_log: list[tuple[float, int]] = []
+        last_return = float("nan")
+        while self.step < total:
+            actions = self.act()
+            out = self.envs.step(actions)
+            terminal = out.terminated | (out.life_loss if self.protocol["life_loss_termination"] else False)
+            self.replay.add(self.obs, actions, out.reward, terminal)
+            self.context.push(torch.from_numpy(self.obs).to(self.runtime.device),
+                              torch.from_numpy(np.asarray(actions, dtype=np.int64)).to(self.runtime.device))
+            self.obs = out.obs
+            self.step += n
+            for _, ret, length in out.finished:
+                episode_log.append((ret, length))
+                last_return = ret
+
+            if self.step > cfg["warmup_steps"] and self.replay.can_sample(max(cfg["wm_seq_len"], cfg["imag_context"])):
+                self.update_credit += n * cfg["update_ratio"]
+                while self.update_credit >= 1.0:
+                    self.update_credit -= 1.0
+                    self.update_world_model()
+                    self.update_actor_critic()
+                    self.updates += 1
+
+            if bar is not None:
+                bar.update(n)
+            if self.step - last_log_step >= cfg["log_every"] or self.step >= total:
+                now = time.perf_counter()
+                scalars = self.metrics.pop()
+                self._check_finite(scalars)
+                scalars["perf/env_steps_per_s"] = (self.step - last_log_step) / max(now - last_time, 1e-9)
+                scalars["perf/updates_per_s"] = (self.updates - last_updates) / max(now - last_time, 1e-9)
+                scalars["replay/size"] = len(self.replay)
+                if self.runtime.device.type == "cuda":
+                    scalars["perf/gpu_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                if episode_log:
+                    scalars["episode/return"] = float(np.mean([r for r, _ in episode_log]))
+                    scalars["episode/length"] = float(np.mean([l for _, l in episode_log]))
+                    scalars["episode/count"] = len(episode_log)
+                    episode_log.clear()
+                self.tracker.log(scalars, self.step)
+                self.tracker.flush()
+                if bar is not None:
+                    bar.set_postfix(upd_s=f"{scalars['perf/updates_per_s']:.1f}", ret=f"{last_return:.1f}", refresh=False)
+                last_log_step, last_time, last_updates = self.step, now, self.updates
+            if self.step % cfg["checkpoint_every"] < n and self.step < total:
+                self.save()
+        if bar is not None:
+            bar.close()
+
+    def _check_finite(self, scalars: dict[str, float]) -> None:
+        bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(f"{self.spec.name}: non-finite {', '.join(bad)} at env step {self.step}; "
+                                   f"last good checkpoint kept at {state_path(self.run_dir)}")
+
+    def _write_model(self) -> Path:
+        path = model_path(self.run_dir)
+        checkpoint.save(path, {
+            "format": CHECKPOINT_FORMAT, "spec": asdict(self.spec), "params": self.params.to_dict(),
+            "params_hash": self.params.digest(), "num_actions": self.num_actions, "env_steps": self.step,
+            "world_model": self.wm.state_dict(), "actor_critic": self.ac.state_dict(),
+            "mlflow_run_id": self.mlflow_run_id,
+        }, keep_previous=False)
+        return path
+
+
+def train(spec: RunSpec, params: Params, **kwargs) -> Trainer:
+    """Train (or resume) one run and leave its model file; returns the trainer (for its tracker)."""
+    trainer = Trainer(spec, params, **kwargs)
+    trainer.run()
+    return trainer
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
