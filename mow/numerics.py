@@ -172,6 +172,7 @@ class PercentileNormalizer(nn.Module):
 
     low: torch.Tensor
     high: torch.Tensor
+    levels: torch.Tensor
 
     def __init__(self, decay: float = 0.99, low: float = 0.05, high: float = 0.95) -> None:
         super().__init__()
@@ -180,15 +181,15 @@ class PercentileNormalizer(nn.Module):
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
         self.decay = decay
-        self.quantiles = (low, high)
         self.register_buffer("low", torch.zeros((), dtype=torch.float32))
         self.register_buffer("high", torch.zeros((), dtype=torch.float32))
+        # Kept on the module's device so that an update needs no host-to-device copy.
+        self.register_buffer("levels", torch.tensor([low, high]), persistent=False)
 
     @torch.no_grad()
     def update(self, returns: torch.Tensor) -> torch.Tensor:
         """Fold the percentiles of ``returns`` (all elements) into the EMAs; return the new scale."""
-        q = torch.tensor(self.quantiles, dtype=torch.float32, device=returns.device)
-        low, high = torch.quantile(returns.detach().float().flatten(), q)
+        low, high = torch.quantile(returns.detach().float().flatten(), self.levels)
         self.low.lerp_(low, 1.0 - self.decay)
         self.high.lerp_(high, 1.0 - self.decay)
         return self.scale()

@@ -10,14 +10,19 @@ import torch
 from mow.models import (
     ActorCritic,
     AgentConfig,
+    CategoricalVAE,
     CausalTransformer,
+    DistHead,
     Imagination,
+    RewardHead,
+    TerminationHead,
     TokenMixer,
     WorldModel,
     WorldModelConfig,
     count_parameters,
     storm_parameter_breakdown,
 )
+from mow.numerics import categorical_kl
 
 torch.set_num_threads(2)
 
@@ -112,6 +117,69 @@ def test_token_mixer_action_lookup_equals_one_hot_linear():
     torch.testing.assert_close(mixer(z, actions, cond), expected)
 
 
+# ---------------------------------------------------------------- VAE
+
+
+def test_eval_encoder_folds_batch_norm_exactly():
+    torch.manual_seed(0)
+    vae = CategoricalVAE(16, 3, (4, 8), stoch=4, classes=5)
+    for norm in vae.encoder.norms:  # non-trivial running statistics and affine parameters
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    obs = random_batch(3, 2)[0].flatten(0, 1)
+    vae.eval()
+    with torch.no_grad():
+        x = obs.permute(0, 3, 1, 2).float() / 255
+        for conv, norm in zip(vae.encoder.convs, vae.encoder.norms):
+            x = torch.relu(norm(conv(x)))  # the unfolded reference, eval statistics
+        expected = vae.posterior_head(x.flatten(1))
+        torch.testing.assert_close(vae.encode(obs), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vae_shapes_and_straight_through_sample():
+    torch.manual_seed(0)
+    vae = CategoricalVAE(16, 3, (4, 8), stoch=4, classes=5)
+    obs = random_batch(3, 2)[0].flatten(0, 1)
+    logits = vae.encode(obs)
+    assert logits.shape == (6, 4, 5) and logits.dtype == torch.float32
+    probs = logits.exp()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(6, 4))
+    assert probs.min() >= 0.01 / 5 - 1e-6  # 1 % unimix floor
+    z = vae.sample(logits)
+    assert z.shape == (6, 20) and z.requires_grad
+    torch.testing.assert_close(z.view(6, 4, 5).sum(-1), torch.ones(6, 4))
+    assert vae.decode(z).shape == (6, 3, 16, 16)
+    (z * torch.randn(6, 20)).sum().backward()  # straight-through: gradient reaches the encoder
+    assert vae.encoder.convs[0].weight.grad.abs().sum() > 0
+
+
+def test_conditioning_input_reaches_every_conditioned_module():
+    """MoW feeds a task embedding through the optional ``cond`` input of each module."""
+    torch.manual_seed(0)
+    cond_a, cond_b = torch.randn(2, 6), torch.randn(2, 6)
+    h = torch.randn(2, 5, 32)
+    modules = [
+        DistHead(32, 4, 5, cond_dim=6),
+        RewardHead(32, 24, 2, bins=17, cond_dim=6),
+        TerminationHead(32, 24, 2, cond_dim=6),
+    ]
+    shapes = [(2, 5, 4, 5), (2, 5, 17), (2, 5)]
+    for module, shape in zip(modules, shapes, strict=True):
+        out_a, out_b = module(h, cond_a), module(h, cond_b)
+        assert out_a.shape == shape
+        assert (out_a - out_b).abs().max() > 1e-4
+    # One embedding for the whole batch broadcasts like a per-sample one.
+    torch.testing.assert_close(modules[2](h, cond_a[0]), modules[2](h, cond_a[:1].expand(2, 6)))
+
+    vae = CategoricalVAE(16, 3, (4, 8), stoch=4, classes=5, cond_dim=6).eval()
+    obs = random_batch(2, 1)[0].flatten(0, 1)
+    assert (vae.encode(obs, cond_a) - vae.encode(obs, cond_b)).abs().max() > 1e-4
+    z = vae.sample(vae.encode(obs, cond_a))
+    assert (vae.decode(z, cond_a) - vae.decode(z, cond_b)).abs().max() > 1e-4
+
+
 # ---------------------------------------------------------------- world model
 
 
@@ -119,7 +187,7 @@ def test_imagination_shapes_and_modes():
     torch.manual_seed(0)
     world_model = WorldModel(TINY, NUM_ACTIONS).train()
     obs, actions, _, _ = random_batch(5, 8)
-    running_mean = world_model.vae.encoder[1].running_mean.clone()
+    running_mean = world_model.vae.encoder.norms[0].running_mean.clone()
     policy_calls = []
 
     def policy(state):
@@ -140,7 +208,7 @@ def test_imagination_shapes_and_modes():
     latent = imag.states[..., : TINY.stoch * TINY.classes].view(5, 7, TINY.stoch, TINY.classes)
     assert torch.all(latent.sum(-1) == 1.0) and torch.all((latent == 0) | (latent == 1))
     # Eval mode inside (BatchNorm statistics untouched), training mode restored afterwards.
-    torch.testing.assert_close(world_model.vae.encoder[1].running_mean, running_mean)
+    torch.testing.assert_close(world_model.vae.encoder.norms[0].running_mean, running_mean)
     assert all(module.training for module in world_model.modules())
 
 
@@ -150,7 +218,7 @@ def test_imagination_with_cache_equals_recomputing_full_sequences():
     obs, actions, _, _ = random_batch(4, 8)
     # A deterministic policy that depends on the state, so a cache error changes the actions.
     projection = torch.randn(world_model.state_dim, NUM_ACTIONS)
-    policy = lambda state: (state @ projection).argmax(-1)  # noqa: E731
+    policy = lambda state: (state @ projection).argmax(-1)
     horizon = 5
 
     torch.manual_seed(1)
@@ -224,6 +292,38 @@ def test_world_model_training_step_reaches_every_parameter(autocast):
         assert grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
+def test_world_model_loss_terms_follow_the_spec_alignment():
+    """Recompute every loss term by hand from the parts (eval mode: no dropout randomness)."""
+    torch.manual_seed(0)
+    world_model = WorldModel(TINY, NUM_ACTIONS).eval()
+    obs, actions, rewards, terminations = random_batch(3, 7)
+    torch.manual_seed(1)
+    _, metrics = world_model.compute_loss(obs, actions, rewards, terminations)
+
+    torch.manual_seed(1)  # the same posterior sample
+    with torch.no_grad():
+        posterior = world_model.vae.encode(obs.flatten(0, 1))
+        z = world_model.vae.sample(posterior)
+        images = obs.flatten(0, 1).permute(0, 3, 1, 2).float() / 255
+        squared_error = (world_model.vae.decode(z) - images) ** 2
+        hidden = world_model.transformer(world_model.mixer(z.view(3, 7, -1), actions))
+        prior = world_model.prior_head(hidden)
+        posterior = posterior.view(3, 7, TINY.stoch, TINY.classes)
+        aligned_kl = categorical_kl(posterior[:, 1:], prior[:, :-1]).mean()
+        misaligned_kl = categorical_kl(posterior[:, :-1], prior[:, :-1]).mean()
+        reward_loss = world_model.two_hot.loss(world_model.reward_head(hidden), rewards)
+        termination_loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            world_model.termination_head(hidden), terminations.float()
+        )
+    # Squared error summed over C, H, W, averaged over the 3 x 7 frames.
+    torch.testing.assert_close(metrics["wm/rec"], squared_error.sum() / 21)
+    torch.testing.assert_close(metrics["wm/dyn_kl_raw"], aligned_kl)
+    assert (aligned_kl - misaligned_kl).abs() > 1e-3
+    torch.testing.assert_close(metrics["wm/dyn"], aligned_kl.clamp(min=TINY.free_bits))
+    torch.testing.assert_close(metrics["wm/reward"], reward_loss)
+    torch.testing.assert_close(metrics["wm/termination"], termination_loss)
+
+
 def test_encoder_gradient_flows_through_the_representation_loss():
     obs, actions, rewards, terminations = random_batch(2, 6)
 
@@ -233,7 +333,7 @@ def test_encoder_gradient_flows_through_the_representation_loss():
         world_model = WorldModel(cfg, NUM_ACTIONS).train()
         torch.manual_seed(1)
         world_model.compute_loss(obs, actions, rewards, terminations)[0].backward()
-        return world_model.vae.encoder[0].weight.grad.clone()
+        return world_model.vae.encoder.convs[0].weight.grad.clone()
 
     without_rep = encoder_grad(0.0)  # reconstruction (and the reward/termination path) only
     assert without_rep.abs().sum() > 0
@@ -258,7 +358,7 @@ def make_imagination(batch: int = 6, horizon: int = 5, seed: int = 0) -> Imagina
     torch.manual_seed(seed)
     world_model = WorldModel(TINY, NUM_ACTIONS)
     obs, actions, _, _ = random_batch(batch, 4, seed=seed)
-    policy = lambda state: torch.randint(0, NUM_ACTIONS, state.shape[:1])  # noqa: E731
+    policy = lambda state: torch.randint(0, NUM_ACTIONS, state.shape[:1])
     return world_model.imagine(policy, obs, actions, horizon)
 
 

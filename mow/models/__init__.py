@@ -25,8 +25,8 @@ __all__ = [
     "WorldModel",
     "WorldModelConfig",
     "concat_condition",
-    "mlp_trunk",
     "count_parameters",
+    "mlp_trunk",
     "storm_parameter_breakdown",
 ]
 

@@ -44,7 +44,7 @@ class AgentConfig:
     percentile_high: float = 0.95
     """Upper return percentile of the normaliser."""
     lambda_form: str = "official"
-    """"official": V(s_t) in the (1-λ) term as STORM's code; "paper": V(s_{t+1})."""
+    """λ-return form: "official" uses V(s_t) in the (1-λ) term (STORM's code), "paper" V(s_{t+1})."""
 
     def __post_init__(self) -> None:
         if self.lambda_form not in LAMBDA_FORMS:
@@ -57,7 +57,9 @@ def mask_logits(logits: torch.Tensor, action_mask: torch.Tensor | None) -> torch
     """Set the logits of illegal actions to -inf (mask: bool, True = legal, broadcastable)."""
     if action_mask is None:
         return logits
-    return logits.masked_fill(~action_mask.to(device=logits.device, dtype=torch.bool), float("-inf"))
+    return logits.masked_fill(
+        ~action_mask.to(device=logits.device, dtype=torch.bool), float("-inf")
+    )
 
 
 class ActorCritic(nn.Module):

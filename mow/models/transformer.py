@@ -142,7 +142,9 @@ class TransformerBlock(nn.Module):
         )
         self.ffn_norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         x = self.attention_norm(x + self.attention_dropout(self.attention(x, cache, layer)))
         return self.ffn_norm(x + self.ffn(x))
 

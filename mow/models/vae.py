@@ -9,6 +9,8 @@ too.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,38 @@ def images_to_float(obs: torch.Tensor) -> torch.Tensor:
 
 def _conv_block(conv: nn.Module, channels: int) -> list[nn.Module]:
     return [conv, nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+
+
+class ConvEncoder(nn.Module):
+    """Stride-2 4x4 convs (no bias), each followed by BatchNorm and ReLU; then flatten.
+
+    In eval mode BatchNorm is a fixed per-channel affine map, so it is folded into the
+    convolution's weights and bias on the fly: one pass less over the (large) activations
+    when thousands of context frames are encoded for imagination. Training mode uses the
+    plain conv -> BatchNorm (batch statistics) -> ReLU sequence.
+    """
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        widths = (in_channels, *channels)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False)
+            for c_in, c_out in itertools.pairwise(widths)
+        )
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in channels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Float ``[N, C, H, W]`` -> flat features ``[N, channels[-1] * (H / 2^k)^2]``."""
+        x = images
+        for conv, norm in zip(self.convs, self.norms):
+            if norm.training:
+                x = F.relu(norm(conv(x)), inplace=True)
+            else:
+                scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+                weight = conv.weight * scale[:, None, None, None]
+                bias = norm.bias - norm.running_mean * scale
+                x = F.conv2d(x, weight, bias, conv.stride, conv.padding).relu_()
+        return x.flatten(1)
 
 
 class CategoricalVAE(nn.Module):
@@ -59,21 +93,14 @@ class CategoricalVAE(nn.Module):
         self.final_channels = encoder_channels[-1]
         feature_dim = self.final_channels * self.final_size**2
 
-        encoder: list[nn.Module] = []
-        in_channels = channels
-        for out_channels in encoder_channels:
-            conv = nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False)
-            encoder += _conv_block(conv, out_channels)
-            in_channels = out_channels
-        encoder.append(nn.Flatten())
-        self.encoder = nn.Sequential(*encoder)
+        self.encoder = ConvEncoder(channels, encoder_channels)
         self.posterior_head = DistHead(feature_dim, stoch, classes, unimix, cond_dim)
 
         self.decoder_stem = nn.Linear(self.latent_dim + cond_dim, feature_dim, bias=False)
         self.decoder_stem_norm = nn.BatchNorm2d(self.final_channels)
         decoder: list[nn.Module] = [nn.ReLU(inplace=True)]
         reversed_channels = encoder_channels[::-1]
-        for in_ch, out_ch in zip(reversed_channels[:-1], reversed_channels[1:]):
+        for in_ch, out_ch in itertools.pairwise(reversed_channels):
             deconv = nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False)
             decoder += _conv_block(deconv, out_ch)
         decoder.append(nn.ConvTranspose2d(encoder_channels[0], channels, 4, stride=2, padding=1))
@@ -82,8 +109,11 @@ class CategoricalVAE(nn.Module):
 
     def encode(self, obs: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 ``[N, H, W, C]`` -> float32 posterior logits ``[N, stoch, classes]`` (unimixed)."""
-        features = self.encoder(images_to_float(obs))
-        return self.posterior_head(features, cond)
+        return self.encode_images(images_to_float(obs), cond)
+
+    def encode_images(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Like :meth:`encode` for images already converted by :func:`images_to_float`."""
+        return self.posterior_head(self.encoder(images), cond)
 
     @staticmethod
     def sample(logits: torch.Tensor) -> torch.Tensor:
@@ -94,8 +124,8 @@ class CategoricalVAE(nn.Module):
         """
         logits = logits.float()
         uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)
-        index = (logits - torch.log(-torch.log(uniform))).argmax(dim=-1)
-        one_hot = F.one_hot(index, logits.shape[-1]).to(logits.dtype)
+        index = (logits - torch.log(-torch.log(uniform))).argmax(dim=-1)  # Gumbel-max
+        one_hot = torch.zeros_like(logits).scatter_(-1, index.unsqueeze(-1), 1.0)
         if not (torch.is_grad_enabled() and logits.requires_grad):
             return one_hot.flatten(-2)  # exact one-hot; the gradient term would be zero
         probs = torch.softmax(logits, dim=-1)

@@ -112,7 +112,9 @@ class WorldModel(nn.Module):
             cfg.d_model, cfg.layers, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len
         )
         self.prior_head = DistHead(cfg.d_model, cfg.stoch, cfg.classes, cfg.unimix)
-        self.reward_head = RewardHead(cfg.d_model, cfg.head_hidden, cfg.head_layers, cfg.reward_bins)
+        self.reward_head = RewardHead(
+            cfg.d_model, cfg.head_hidden, cfg.head_layers, cfg.reward_bins
+        )
         self.termination_head = TerminationHead(cfg.d_model, cfg.head_hidden, cfg.head_layers)
         self.two_hot = TwoHot(cfg.reward_bins)
 
@@ -132,12 +134,11 @@ class WorldModel(nn.Module):
         detached scalar metrics.
         """
         batch, steps = actions.shape
-        frames = obs.flatten(0, 1)
-        posterior = self.vae.encode(frames)  # [B*T, stoch, classes] float32
+        images = images_to_float(obs.flatten(0, 1))  # also the reconstruction target
+        posterior = self.vae.encode_images(images)  # [B*T, stoch, classes] float32
         z = self.vae.sample(posterior)
         reconstruction = self.vae.decode(z)
-        target = images_to_float(frames)
-        rec_loss = (reconstruction.float() - target).square().sum(dim=(1, 2, 3)).mean()
+        rec_loss = (reconstruction.float() - images).square().sum(dim=(1, 2, 3)).mean()
 
         hidden = self.transformer(self.mixer(z.view(batch, steps, -1), actions))
         reward_logits = self.reward_head(hidden)
@@ -207,7 +208,7 @@ class WorldModel(nn.Module):
     ) -> Imagination:
         """Roll out ``horizon`` steps from real contexts with the KV cache (SPEC §6.6).
 
-        The context (uint8 ``[B, C, H, W, C]`` frames with their actions ``[B, C]``) goes
+        The context (uint8 ``[B, L, H, W, C]`` frames with their actions ``[B, L]``) goes
         through one batched encoder call and one parallel Transformer pass that fills the
         cache. Each imagined step samples ẑ from the prior, asks ``policy`` for an action
         and feeds (ẑ, a) through the cache. Reward and termination heads run once on all
