@@ -45,6 +45,14 @@ def _time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """bf16 is only worth timing where the hardware has it: emulated bf16 on an AVX2 CPU
+    runs ~20x slower than fp32 and would take the benchmark hours."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int | None = None) -> dict:
     from mow.train import build_models
 
@@ -131,12 +139,13 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "official_storm_reference_cpu_fp32": OFFICIAL_STORM_CPU_FP32, "scales": {},
     }
     for scale, params in params_by_scale.items():
         base = make_runtime(params["train"])
         results["device"] = str(base.device)
-        precisions = [None, torch.bfloat16]
+        precisions = [None, torch.bfloat16] if native_bf16(base.device) else [None]
         per_scale = {}
         for dtype in precisions:
             runtime = Runtime(base.device, dtype)

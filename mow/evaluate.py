@@ -19,12 +19,14 @@ import numpy as np
 import torch
 
 from mow import checkpoint
+from mow.config import Params, freeze
 from mow.envs import make_env
 from mow.envs.vector import VectorEnv
 from mow.policy import ContextWindow, Policy, random_actions
 from mow.runs import RunSpec
 from mow.runtime import make_runtime
 from mow.tracking import git_commit
+from mow.train import build_models
 
 RAW_FORMAT = 1
 EVAL_SEED_OFFSET = 10_000  # evaluation envs never reuse a training seed
@@ -32,9 +34,6 @@ EVAL_SEED_OFFSET = 10_000  # evaluation envs never reuse a training seed
 
 def load_model(path: Path | str, device: torch.device):
     """Rebuild the world model and actor-critic of a final model file (checksum verified)."""
-    from mow.config import Params, freeze
-    from mow.train import build_models
-
     payload = checkpoint.load(path)
     params = Params(tree=freeze(payload["params"]), source=str(path))
     wm, ac = build_models(params, payload["num_actions"], device)

@@ -70,7 +70,5 @@ class Policy:
             self.wm.train(was_training)
 
 
-def random_actions(rng: np.random.Generator, num_envs: int, num_actions: int, legal: np.ndarray | None = None) -> np.ndarray:
-    if legal is None:
-        return rng.integers(0, num_actions, size=num_envs)
-    return rng.choice(np.flatnonzero(legal), size=num_envs)
+def random_actions(rng: np.random.Generator, num_envs: int, num_actions: int) -> np.ndarray:
+    return rng.integers(0, num_actions, size=num_envs)

@@ -8,7 +8,6 @@ exactly the weights an uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -22,7 +21,7 @@ import yaml
 
 from mow import checkpoint
 from mow.config import Params
-from mow.envs import legal_action_mask, make_env
+from mow.envs import make_env
 from mow.envs.vector import VectorEnv
 from mow.models.actor_critic import ActorCritic
 from mow.models.world_model import WorldModel
@@ -94,7 +93,6 @@ class Trainer:
         env_fn = partial(make_env, spec.suite, spec.task, self.protocol, train=True)
         self.envs = VectorEnv([partial(env_fn, seed=spec.seed * 1000 + i) for i in range(n)])
         self.num_actions = int(self.envs.single_action_space.n)
-        self.legal = legal_action_mask(spec.suite, spec.task, full_action_space=False)
         self.wm, self.ac = build_models(params, self.num_actions, device)
         self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=self.cfg["wm_lr"], eps=self.cfg["wm_eps"])
         self.ac_opt = torch.optim.Adam([p for p in self.ac.parameters() if p.requires_grad],
@@ -288,15 +286,3 @@ class Trainer:
             "mlflow_run_id": self.mlflow_run_id,
         }, keep_previous=False)
         return path
-
-
-def train(spec: RunSpec, params: Params, **kwargs) -> Trainer:
-    """Train (or resume) one run and leave its model file; returns the trainer (for its tracker)."""
-    trainer = Trainer(spec, params, **kwargs)
-    trainer.run()
-    return trainer
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
