@@ -1,0 +1,538 @@
+"""MoW world model (SPEC §1.2-1.6): cluster-specific categorical VAEs and heads, N_e expert
+(token mixer + causal Transformer) pairs chosen per task by a router, one shared causal
+Transformer, a shared task-ID head, and the multi-task loss L_H + 0.1 · L_bal.
+
+Everything reuses the STORM blocks (``CategoricalVAE``, ``TokenMixer``,
+``CausalTransformer``, ``DistHead``/``RewardHead``/``TerminationHead``) with their
+``cond_dim`` set to the task-embedding size: e_k is concatenated onto each module's input.
+
+Forward pass for a batch of sequences with one task each (``task_ids`` ``[B]``):
+
+1. e = TaskEmbedding(task_ids); routing of all K tasks (``Routing``).
+2. Per VAE cluster c present: encode/decode its sequences with VAE c, conditioned on e.
+3. Per expert j used by a present task: run mixer_j + Transformer_j once on all the
+   sequences whose task selects j; scale by that task's weight W_{k,j} (DESIGN.md: the
+   router then also learns from the task losses) and put the result in the slot of j in
+   the task's sorted J_k.
+4. Concatenate the top_k slots, append e, project to the shared width (one Linear), run the
+   shared Transformer -> h.
+5. Per cluster: prior / reward / termination heads on (h, e); shared task head on h.
+
+Open decisions fixed here (defaults in :class:`MoWConfig`, flagged NOT FOUND in SPEC):
+sizes (experts and shared Transformer STORM-sized), e_k dimension 96 (TD-MPC2's value),
+top_k = 2, task head = STORM head trunk + Linear(K), shared-input projection with bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mow.models.heads import DistHead, RewardHead, TerminationHead, concat_condition, mlp_trunk
+from mow.models.multitask_losses import balance_loss, harmonious_loss
+from mow.models.router import Routing, TaskEmbedding, TaskRouter
+from mow.models.transformer import CausalTransformer, KVCache, TokenMixer
+from mow.models.vae import CategoricalVAE, images_to_float
+from mow.models.world_model import Imagination, Policy, WorldModelConfig, eval_mode
+from mow.numerics import TwoHot, categorical_kl
+
+
+@dataclass(frozen=True)
+class MoWConfig:
+    """MoW hyper-parameters. ``world`` supplies the VAE, head and loss settings of STORM."""
+
+    world: WorldModelConfig = field(default_factory=WorldModelConfig)
+    """VAE sizes, latent, unimix, max_len, head sizes, reward bins, β₁/β₂, free bits."""
+    num_tasks: int = 26
+    """K: tasks trained jointly."""
+    num_clusters: int = 12
+    """N_m: VAE / head clusters (NOT FOUND; chosen for the ~255 M-parameter total)."""
+    num_experts: int = 12
+    """N_e: expert (mixer + Transformer) pairs."""
+    top_k: int = 2
+    """n_k: experts per task (NOT FOUND)."""
+    task_embed_dim: int = 96
+    """Size of e_k (NOT FOUND)."""
+    router_hidden: int = 256
+    """Hidden width of the router MLP."""
+    temperature_start: float = 4.0
+    """Router softmax temperature at update 0 (NOT FOUND)."""
+    temperature_end: float = 1.0
+    """Temperature reached at the end of the anneal (SPEC: annealed towards 1)."""
+    temperature_anneal_updates: int = 50_000
+    """World-model updates of the linear anneal (NOT FOUND)."""
+    expert_d_model: int = 512
+    expert_layers: int = 2
+    expert_heads: int = 8
+    expert_ffn: int = 1024
+    expert_dropout: float = 0.1
+    shared_d_model: int = 512
+    shared_layers: int = 2
+    shared_heads: int = 8
+    shared_ffn: int = 1024
+    shared_dropout: float = 0.1
+    task_loss: float = 1.0
+    """Weight of the task-classification CE inside each L_k."""
+    balance_coef: float = 0.1
+    """Weight of the expert balance loss in the total."""
+    sigma_init: float = 1.0
+    """Initial σ_k of the harmonious weighting (stored as log σ_k)."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_tasks", "num_clusters", "num_experts", "top_k", "task_embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k {self.top_k} > num_experts {self.num_experts}")
+        if self.sigma_init <= 0:
+            raise ValueError(f"sigma_init must be > 0, got {self.sigma_init}")
+
+    @property
+    def state_dim(self) -> int:
+        """Agent state size: prior sample (latent_dim) + shared hidden state."""
+        return self.world.latent_dim + self.shared_d_model
+
+
+class Expert(nn.Module):
+    """One MoW expert: its own token mixer m_j(z, a, e_k) and causal Transformer f_j."""
+
+    def __init__(self, cfg: MoWConfig, num_actions: int) -> None:
+        super().__init__()
+        self.mixer = TokenMixer(
+            cfg.world.latent_dim, num_actions, cfg.expert_d_model, cfg.task_embed_dim
+        )
+        self.transformer = CausalTransformer(
+            cfg.expert_d_model,
+            cfg.expert_layers,
+            cfg.expert_heads,
+            cfg.expert_ffn,
+            cfg.expert_dropout,
+            cfg.world.max_len,
+        )
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        actions: torch.Tensor,
+        task_embedding: torch.Tensor,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        return self.transformer(self.mixer(z, actions, task_embedding), cache)
+
+
+class ClusterHeads(nn.Module):
+    """Next-latent prior, reward and termination heads of one cluster, conditioned on e_k."""
+
+    def __init__(self, cfg: MoWConfig) -> None:
+        super().__init__()
+        w, d, e = cfg.world, cfg.shared_d_model, cfg.task_embed_dim
+        self.prior = DistHead(d, w.stoch, w.classes, w.unimix, cond_dim=e)
+        self.reward = RewardHead(d, w.head_hidden, w.head_layers, w.reward_bins, cond_dim=e)
+        self.termination = TerminationHead(d, w.head_hidden, w.head_layers, cond_dim=e)
+
+
+@dataclass
+class MoWCache:
+    """KV caches of the experts in use (keyed by expert index) and of the shared Transformer."""
+
+    experts: dict[int, KVCache]
+    shared: KVCache
+
+
+# (expert index, batch rows, slot of the expert in each row's J_k, router weight per row)
+ExpertRoute = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _assemble(parts: list[torch.Tensor], positions: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-group results back into batch order; ``positions`` partition 0..N-1."""
+    if len(parts) == 1:
+        return parts[0]  # a single group holds every position, already in order
+    order = torch.cat(positions)
+    return torch.cat(parts)[torch.argsort(order)]
+
+
+class MoWWorldModel(nn.Module):
+    """MoW world model over ``cfg.num_tasks`` tasks sharing ``num_actions`` discrete actions."""
+
+    cluster_of_task: torch.Tensor
+
+    def __init__(self, cfg: MoWConfig, num_actions: int = 18) -> None:
+        super().__init__()
+        self.cfg, self.num_actions = cfg, num_actions
+        self.state_dim = cfg.state_dim
+        w, e = cfg.world, cfg.task_embed_dim
+        self.task_embedding = TaskEmbedding(cfg.num_tasks, e)
+        self.router = TaskRouter(
+            e,
+            cfg.router_hidden,
+            cfg.num_experts,
+            cfg.top_k,
+            cfg.temperature_start,
+            cfg.temperature_end,
+            cfg.temperature_anneal_updates,
+        )
+        self.vaes = nn.ModuleList(
+            CategoricalVAE(
+                w.image_size, w.channels, w.encoder_channels, w.stoch, w.classes, w.unimix, e
+            )
+            for _ in range(cfg.num_clusters)
+        )
+        self.experts = nn.ModuleList(Expert(cfg, num_actions) for _ in range(cfg.num_experts))
+        self.shared_input = nn.Linear(cfg.top_k * cfg.expert_d_model + e, cfg.shared_d_model)
+        self.shared = CausalTransformer(
+            cfg.shared_d_model,
+            cfg.shared_layers,
+            cfg.shared_heads,
+            cfg.shared_ffn,
+            cfg.shared_dropout,
+            w.max_len,
+        )
+        self.heads = nn.ModuleList(ClusterHeads(cfg) for _ in range(cfg.num_clusters))
+        self.task_head = nn.Sequential(
+            mlp_trunk(cfg.shared_d_model, w.head_hidden, w.head_layers),
+            nn.Linear(w.head_hidden, cfg.num_tasks),
+        )
+        self.log_sigma = nn.Parameter(torch.full((cfg.num_tasks,), float(cfg.sigma_init)).log())
+        self.two_hot = TwoHot(w.reward_bins)
+        # Until clustering has run, tasks are spread round-robin over the clusters.
+        self.register_buffer(
+            "cluster_of_task", torch.arange(cfg.num_tasks, dtype=torch.long) % cfg.num_clusters
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def set_clusters(self, assignment: torch.Tensor | list[int]) -> None:
+        """Fix the VAE/head cluster i_k of every task (length K, values in [0, N_m))."""
+        values = torch.as_tensor(assignment)
+        if values.dim() != 1 or values.numel() != self.cfg.num_tasks:
+            raise ValueError(
+                f"cluster assignment needs {self.cfg.num_tasks} entries (one per task), "
+                f"got shape {tuple(values.shape)}"
+            )
+        if values.is_floating_point() or values.dtype == torch.bool:
+            raise ValueError(f"cluster assignment must hold integers, got dtype {values.dtype}")
+        for task, cluster in enumerate(values.tolist()):
+            if not 0 <= cluster < self.cfg.num_clusters:
+                raise ValueError(
+                    f"task {task} assigned to cluster {cluster}, outside "
+                    f"[0, {self.cfg.num_clusters})"
+                )
+        self.cluster_of_task.copy_(values.to(self.cluster_of_task.device, torch.long))
+
+    def set_update(self, update: int) -> float:
+        """Anneal the router temperature to its value after ``update`` updates; return it."""
+        return self.router.anneal(update)
+
+    def routing(self) -> Routing:
+        """Routing of all K tasks at the current temperature."""
+        return self.router(self.task_embedding())
+
+    # ------------------------------------------------------------------ grouping
+    def _cluster_groups(self, task_ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        clusters = self.cluster_of_task[task_ids]
+        return [
+            (c, (clusters == c).nonzero().squeeze(1)) for c in torch.unique(clusters).tolist()
+        ]
+
+    def _expert_routes(self, task_ids: torch.Tensor, routing: Routing) -> list[ExpertRoute]:
+        indices, weights = routing.indices[task_ids], routing.weights[task_ids]
+        routes = []
+        for expert in torch.unique(indices).tolist():
+            rows, slots = (indices == expert).nonzero(as_tuple=True)
+            routes.append((expert, rows, slots, weights[rows, slots]))
+        return routes
+
+    def new_cache(self, task_ids: torch.Tensor) -> MoWCache:
+        """Empty KV caches for the experts that the tasks in ``task_ids`` select."""
+        routes = self._expert_routes(task_ids, self.routing())
+        return MoWCache(
+            {j: self.experts[j].transformer.new_cache() for j, *_ in routes},
+            self.shared.new_cache(),
+        )
+
+    # ------------------------------------------------------------------ sequence model
+    def _hidden(
+        self,
+        z: torch.Tensor,
+        actions: torch.Tensor,
+        embedding: torch.Tensor,
+        routes: list[ExpertRoute],
+        cache: MoWCache | None = None,
+    ) -> torch.Tensor:
+        batch, steps = actions.shape
+        top_k, width = self.cfg.top_k, self.cfg.expert_d_model
+        parts, positions = [], []
+        for expert, rows, slots, weights in routes:
+            expert_cache = cache.experts[expert] if cache is not None else None
+            out = self.experts[expert](z[rows], actions[rows], embedding[rows], expert_cache)
+            parts.append(out * weights.to(out.dtype)[:, None, None])
+            positions.append(rows * top_k + slots)
+        features = _assemble(parts, positions).view(batch, top_k, steps, width)
+        features = features.transpose(1, 2).reshape(batch, steps, top_k * width)
+        tokens = self.shared_input(concat_condition(features, embedding))
+        return self.shared(tokens, cache.shared if cache is not None else None)
+
+    def hidden_states(
+        self,
+        z: torch.Tensor,
+        actions: torch.Tensor,
+        task_ids: torch.Tensor,
+        cache: MoWCache | None = None,
+    ) -> torch.Tensor:
+        """Experts + shared Transformer: ``z`` ``[B, T, latent]``, ``actions`` ``[B, T]``,
+        ``task_ids`` ``[B]`` -> h ``[B, T, shared_d_model]``. With a cache (from
+        :meth:`new_cache` for the same ``task_ids``) the steps continue the cached ones."""
+        embeddings = self.task_embedding()
+        routes = self._expert_routes(task_ids, self.router(embeddings))
+        return self._hidden(z, actions, embeddings[task_ids], routes, cache)
+
+    # ------------------------------------------------------------------ training
+    def _per_task_mean(self, values: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Mean of per-sequence ``values`` ``[B]`` over each task's sequences -> ``[K]``."""
+        zeros = values.new_zeros(self.cfg.num_tasks)
+        sums = zeros.index_add(0, task_ids, values)
+        counts = zeros.index_add(0, task_ids, torch.ones_like(values))
+        return sums / counts.clamp(min=1.0)
+
+    def compute_loss(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        terminations: torch.Tensor,
+        task_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MoW world-model loss L_H + balance_coef · L_bal (SPEC §1.6) on a mixed batch.
+
+        ``obs`` uint8 ``[B, T, H, W, C]``, ``actions`` long ``[B, T]``, ``rewards`` and
+        ``terminations`` ``[B, T]``, ``task_ids`` long ``[B]`` (one task per sequence). Per
+        task, L_k = rec + reward + termination + task_loss · CE(task) + β₁ dyn + β₂ rep,
+        each term defined as in STORM's ``WorldModel.compute_loss`` but averaged over that
+        task's sequences (free bits act on the task's mean KL). The harmonious weighting
+        runs over the tasks present in the batch; the balance loss over all K tasks.
+        """
+        cfg, w = self.cfg, self.cfg.world
+        batch, steps = actions.shape
+        embeddings = self.task_embedding()
+        routing = self.router(embeddings)
+        embedding = embeddings[task_ids]  # [B, E]
+        groups = self._cluster_groups(task_ids)
+
+        # Perception, per VAE cluster.
+        posteriors, latents, rec_errors, rows_of = [], [], [], []
+        for cluster, rows in groups:
+            vae = self.vaes[cluster]
+            images = images_to_float(obs[rows].flatten(0, 1))  # also the target
+            cond = embedding[rows].repeat_interleave(steps, dim=0)
+            posterior = vae.encode_images(images, cond)
+            z = vae.sample(posterior)
+            reconstruction = vae.decode(z, cond)
+            error = (reconstruction.float() - images).square().sum(dim=(1, 2, 3))
+            posteriors.append(posterior.view(len(rows), steps, *posterior.shape[1:]))
+            latents.append(z.view(len(rows), steps, -1))
+            rec_errors.append(error.view(len(rows), steps).mean(1))
+            rows_of.append(rows)
+        posterior = _assemble(posteriors, rows_of)  # [B, T, stoch, classes]
+        z = _assemble(latents, rows_of)
+        rec = _assemble(rec_errors, rows_of)  # [B]
+
+        hidden = self._hidden(z, actions, embedding, self._expert_routes(task_ids, routing))
+
+        # Cluster heads; per-sequence losses.
+        posterior_next = posterior[:, 1:]
+        reward_parts, term_parts, dyn_parts, rep_parts = [], [], [], []
+        for cluster, rows in groups:
+            heads, h, cond = self.heads[cluster], hidden[rows], embedding[rows]
+            log_probs = F.log_softmax(heads.reward(h, cond).float(), dim=-1)
+            reward_parts.append(-(self.two_hot.encode(rewards[rows]) * log_probs).sum(-1).mean(1))
+            term_logits = heads.termination(h, cond).float()
+            term_parts.append(
+                F.binary_cross_entropy_with_logits(
+                    term_logits, terminations[rows].to(term_logits.dtype), reduction="none"
+                ).mean(1)
+            )
+            prior = heads.prior(h[:, :-1], cond)
+            target = posterior_next[rows]
+            dyn_parts.append(categorical_kl(target.detach(), prior).mean(1))
+            rep_parts.append(categorical_kl(target, prior.detach()).mean(1))
+        reward = _assemble(reward_parts, rows_of)
+        termination = _assemble(term_parts, rows_of)
+        dyn_kl = _assemble(dyn_parts, rows_of)
+        rep_kl = _assemble(rep_parts, rows_of)
+
+        task_logits = self.task_head(hidden).float()  # [B, T, K]
+        task_ce = F.cross_entropy(
+            task_logits.flatten(0, 1), task_ids.repeat_interleave(steps), reduction="none"
+        ).view(batch, steps).mean(1)
+
+        terms = {
+            name: self._per_task_mean(values, task_ids)
+            for name, values in (
+                ("rec", rec),
+                ("reward", reward),
+                ("termination", termination),
+                ("task", task_ce),
+                ("dyn_kl_raw", dyn_kl),
+                ("rep_kl_raw", rep_kl),
+            )
+        }
+        terms["dyn"] = terms["dyn_kl_raw"].clamp(min=w.free_bits)
+        terms["rep"] = terms["rep_kl_raw"].clamp(min=w.free_bits)
+        task_total = (
+            terms["rec"]
+            + terms["reward"]
+            + terms["termination"]
+            + cfg.task_loss * terms["task"]
+            + w.loss_dyn * terms["dyn"]
+            + w.loss_rep * terms["rep"]
+        )
+        terms["total"] = task_total
+
+        present = torch.unique(task_ids)
+        harmonious = harmonious_loss(task_total[present], self.log_sigma[present])
+        balance = balance_loss(routing.dense, cfg.top_k)
+        total = harmonious + cfg.balance_coef * balance
+
+        metrics: dict[str, torch.Tensor] = {
+            "wm/total": total,
+            "wm/harmonious": harmonious,
+            "wm/balance": balance,
+            "wm/temperature": self.router.current_temperature,
+        }
+        sigma = self.log_sigma.detach().exp()
+        for task in range(cfg.num_tasks):
+            metrics[f"wm/sigma/task{task}"] = sigma[task]
+        for task in present.tolist():
+            for name, values in terms.items():
+                metrics[f"wm/{name}/task{task}"] = values[task]
+        return total, {name: value.detach() for name, value in metrics.items()}
+
+    # ------------------------------------------------------------------ inference
+    def _encode_context(
+        self, obs_ctx: torch.Tensor, embedding: torch.Tensor, groups: list[tuple[int, torch.Tensor]]
+    ) -> torch.Tensor:
+        steps = obs_ctx.shape[1]
+        parts, rows_of = [], []
+        for cluster, rows in groups:
+            vae = self.vaes[cluster]
+            cond = embedding[rows].repeat_interleave(steps, dim=0)
+            z = vae.sample(vae.encode(obs_ctx[rows].flatten(0, 1), cond))
+            parts.append(z.view(len(rows), steps, -1))
+            rows_of.append(rows)
+        return _assemble(parts, rows_of)
+
+    def _prior_state(
+        self,
+        hidden: torch.Tensor,
+        embedding: torch.Tensor,
+        groups: list[tuple[int, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ẑ ~ prior_{i_k}(h, e_k); return (ẑ, agent state [ẑ, h]) in float32."""
+        logits = _assemble(
+            [self.heads[c].prior(hidden[rows], embedding[rows]) for c, rows in groups],
+            [rows for _, rows in groups],
+        )
+        z = CategoricalVAE.sample(logits)
+        return z, torch.cat([z, hidden.float()], dim=-1)
+
+    def _start(
+        self, obs_ctx: torch.Tensor, act_ctx: torch.Tensor, task_ids: torch.Tensor, with_cache: bool
+    ):
+        embeddings = self.task_embedding()
+        routes = self._expert_routes(task_ids, self.router(embeddings))
+        embedding = embeddings[task_ids]
+        groups = self._cluster_groups(task_ids)
+        cache = None
+        if with_cache:
+            cache = MoWCache(
+                {j: self.experts[j].transformer.new_cache() for j, *_ in routes},
+                self.shared.new_cache(),
+            )
+        z = self._encode_context(obs_ctx, embedding, groups)
+        hidden = self._hidden(z, act_ctx, embedding, routes, cache)[:, -1]
+        return hidden, embedding, routes, groups, cache
+
+    @torch.no_grad()
+    def act_state(
+        self, obs_ctx: torch.Tensor, act_ctx: torch.Tensor, task_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Agent state ``[B, state_dim]`` = [ẑ ~ prior(h_{L-1}), h_{L-1}] from the last L
+        (frame, action) pairs of each sequence (uint8 ``[B, L, H, W, C]``, long ``[B, L]``)
+        of task ``task_ids`` ``[B]``; eval mode, like STORM's ``act_state``."""
+        with eval_mode(self):
+            hidden, embedding, _, groups, _ = self._start(obs_ctx, act_ctx, task_ids, False)
+            return self._prior_state(hidden, embedding, groups)[1]
+
+    @torch.no_grad()
+    def imagine(
+        self,
+        policy: Policy,
+        obs_ctx: torch.Tensor,
+        act_ctx: torch.Tensor,
+        task_ids: torch.Tensor,
+        horizon: int,
+    ) -> Imagination:
+        """Roll out ``horizon`` steps from real contexts with KV caches (SPEC §1.4.5, §6.6).
+
+        Mirrors STORM's ``WorldModel.imagine``: one parallel pass over the context fills
+        the caches of the experts each task selects and of the shared Transformer; each
+        imagined step samples ẑ from the task's cluster prior, asks ``policy`` for actions
+        and feeds (ẑ, a) through only those experts and the shared Transformer. Reward and
+        termination heads of each cluster run once after the loop. Eval mode throughout.
+        """
+        batch = act_ctx.shape[0]
+        with eval_mode(self):
+            hidden, embedding, routes, groups, cache = self._start(
+                obs_ctx, act_ctx, task_ids, True
+            )
+            states = torch.empty(batch, horizon + 1, self.state_dim, device=hidden.device)
+            actions = torch.empty(batch, horizon, dtype=torch.long, device=hidden.device)
+            hiddens = []
+            for step in range(horizon):
+                z, state = self._prior_state(hidden, embedding, groups)
+                states[:, step] = state
+                actions[:, step] = policy(state)
+                hidden = self._hidden(
+                    z.unsqueeze(1), actions[:, step : step + 1], embedding, routes, cache
+                )[:, 0]
+                hiddens.append(hidden)
+            states[:, horizon] = self._prior_state(hidden, embedding, groups)[1]
+            imagined = torch.stack(hiddens, dim=1)
+            rows_of = [rows for _, rows in groups]
+            reward_logits = _assemble(
+                [self.heads[c].reward(imagined[r], embedding[r]) for c, r in groups], rows_of
+            )
+            termination_logits = _assemble(
+                [self.heads[c].termination(imagined[r], embedding[r]) for c, r in groups],
+                rows_of,
+            )
+            rewards = self.two_hot.decode(reward_logits)
+            terminations = (termination_logits > 0).float()
+        return Imagination(states, actions, rewards, terminations)
+
+
+def _count(*modules: nn.Module) -> int:
+    return sum(p.numel() for module in modules for p in module.parameters())
+
+
+def mow_parameter_breakdown(cfg: MoWConfig | None = None, num_actions: int = 18) -> dict[str, int]:
+    """Parameters per MoW world-model component, built on the meta device (no allocation).
+
+    The values sum to every parameter of :class:`MoWWorldModel` (the actor-critic is
+    counted separately, e.g. with ``storm_parameter_breakdown``'s actor/critic entries).
+    """
+    cfg = cfg or MoWConfig()
+    with torch.device("meta"):
+        model = MoWWorldModel(cfg, num_actions)
+    return {
+        "vaes": _count(model.vaes),
+        "experts": _count(model.experts),
+        "shared": _count(model.shared_input, model.shared),
+        "cluster_heads": _count(model.heads),
+        "task_head": _count(model.task_head),
+        "task_embedding": _count(model.task_embedding),
+        "router": _count(model.router),
+        "harmonious_sigma": model.log_sigma.numel(),
+    }

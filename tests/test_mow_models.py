@@ -1,0 +1,263 @@
+"""Tests of the MoW world-model components: router, losses, grouping, gradients, KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from mow.models.multitask_losses import balance_loss, harmonious_loss
+from mow.models.mow_world_model import MoWConfig, MoWWorldModel, mow_parameter_breakdown
+from mow.models.router import TaskEmbedding, TaskRouter, annealed_temperature
+from mow.models.world_model import Imagination, WorldModelConfig
+
+torch.set_num_threads(2)
+
+TINY_WORLD = WorldModelConfig(
+    image_size=16, encoder_channels=(4, 8), stoch=4, classes=5, d_model=32, layers=1,
+    heads=2, ffn=32, max_len=32, head_hidden=16, head_layers=1, reward_bins=17,
+)  # fmt: skip
+TINY = MoWConfig(
+    world=TINY_WORLD, num_tasks=4, num_clusters=3, num_experts=8, top_k=2, task_embed_dim=8,
+    router_hidden=16, temperature_start=3.0, temperature_anneal_updates=100,
+    expert_d_model=16, expert_layers=2, expert_heads=2, expert_ffn=24,
+    shared_d_model=24, shared_layers=2, shared_heads=2, shared_ffn=32,
+)  # fmt: skip
+NUM_ACTIONS = 3
+
+
+def make_model(cfg: MoWConfig = TINY, seed: int = 0) -> MoWWorldModel:
+    torch.manual_seed(seed)
+    model = MoWWorldModel(cfg, NUM_ACTIONS)
+    model.set_clusters([0, 1, 1, 2])
+    return model
+
+
+def random_batch(task_ids: list[int], steps: int, cfg: MoWConfig = TINY, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    batch, size = len(task_ids), cfg.world.image_size
+    obs = torch.randint(0, 256, (batch, steps, size, size, 3), dtype=torch.uint8, generator=g)
+    actions = torch.randint(0, NUM_ACTIONS, (batch, steps), generator=g)
+    rewards = torch.randn(batch, steps, generator=g)
+    terminations = (torch.rand(batch, steps, generator=g) < 0.2).float()
+    return obs, actions, rewards, terminations, torch.tensor(task_ids)
+
+
+# ---------------------------------------------------------------------- router
+def hand_router(logits: list[float], top_k: int = 2, start: float = 2.0) -> TaskRouter:
+    router = TaskRouter(4, 8, len(logits), top_k, temperature_start=start, anneal_updates=10)
+    with torch.no_grad():
+        router.mlp[-1].weight.zero_()
+        router.mlp[-1].bias.copy_(torch.tensor(logits))
+    return router
+
+
+def test_router_topk_weights_and_indices_at_temperature():
+    router = hand_router([0.0, 2.0, 4.0, 0.0])  # temperature 2 -> logits/τ = [0, 1, 2, 0]
+    out = router(torch.randn(3, 4))
+    denominator = 2 + math.e + math.e**2
+    expected_weights = torch.tensor([math.e**2, math.e]) / denominator
+    for task in range(3):  # the output ignores the input: every task routes identically
+        assert out.indices[task].tolist() == [2, 1]  # sorted descending
+        torch.testing.assert_close(out.weights[task], expected_weights)
+        torch.testing.assert_close(
+            out.dense[task], torch.tensor([0.0, math.e, math.e**2, 0.0]) / denominator
+        )
+    # At temperature 1 the same logits give sharper weights, same selection.
+    router.anneal(10)
+    out = router(torch.randn(1, 4))
+    denominator = 2 + math.e**2 + math.e**4
+    torch.testing.assert_close(out.weights[0], torch.tensor([math.e**4, math.e**2]) / denominator)
+    assert out.indices[0].tolist() == [2, 1]
+
+
+def test_temperature_anneal_schedule():
+    router = hand_router([0.0, 0.0], top_k=1, start=5.0)
+    assert router.temperature(0) == 5.0
+    assert router.temperature(5) == 3.0  # midway of the linear anneal 5 -> 1 over 10 updates
+    assert router.temperature(10) == 1.0
+    assert router.temperature(1000) == 1.0
+    assert router.anneal(5) == 3.0 and router.current_temperature.item() == 3.0
+    assert annealed_temperature(25, 3.0, 1.0, 100) == 2.5
+    assert "current_temperature" in router.state_dict()  # resumes with the checkpoint
+
+
+def test_task_embedding_unit_norm_and_same_task_same_experts():
+    embedding = TaskEmbedding(5, 7)
+    with torch.no_grad():
+        embedding.table.weight.mul_(10.0)
+    norms = embedding().norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones(5))
+    torch.testing.assert_close(embedding(torch.tensor([3, 3])).norm(dim=-1), torch.ones(2))
+
+    model = make_model()
+    routing = model.routing()
+    task_ids = torch.tensor([1, 0, 1, 3, 1])
+    routes = model._expert_routes(task_ids, routing)
+    chosen = {row: set() for row in range(5)}
+    for expert, rows, _, _ in routes:
+        for row in rows.tolist():
+            chosen[row].add(expert)
+    assert chosen[0] == chosen[2] == chosen[4] == set(routing.indices[1].tolist())
+    assert chosen[3] == set(routing.indices[3].tolist())
+
+
+# ---------------------------------------------------------------------- losses
+def test_balance_loss_hand_example_and_zero_when_balanced():
+    # K = 2 tasks, N_e = 4, top_k = 2: target = 2 * 2 / 4 = 1 per expert.
+    dense = torch.tensor([[0.6, 0.3, 0.0, 0.0], [0.5, 0.0, 0.2, 0.0]])
+    # column sums [1.1, 0.3, 0.2, 0] -> (0.1)^2 + 0.7^2 + 0.8^2 + 1^2 = 2.14
+    torch.testing.assert_close(balance_loss(dense, top_k=2), torch.tensor(2.14))
+    balanced = torch.eye(3)  # K = 3, N_e = 3, top_k = 1: each expert used once
+    assert balance_loss(balanced, top_k=1).item() == 0.0
+    assert balance_loss(torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1.0]]), 1).item() == 2.0
+
+
+def test_harmonious_loss_value_and_gradient():
+    losses = torch.tensor([2.0, 0.5])
+    log_sigma = torch.tensor([0.0, math.log(2.0)], requires_grad=True)
+    value = harmonious_loss(losses, log_sigma)
+    # sigma = (1, 2): 2/1 + ln 2 + 0.5/2 + ln 3
+    torch.testing.assert_close(value, torch.tensor(2.0 + math.log(2) + 0.25 + math.log(3)))
+    value.backward()
+    # d/dls = -L e^{-ls} + sigmoid(ls): (-2 + 0.5, -0.25 + 2/3)
+    torch.testing.assert_close(log_sigma.grad, torch.tensor([-1.5, -0.25 + 2.0 / 3.0]))
+
+
+# ---------------------------------------------------------------------- world model
+def test_set_clusters_validation_names_bad_value():
+    model = make_model()
+    with pytest.raises(ValueError, match="cluster 3"):
+        model.set_clusters([0, 1, 3, 2])
+    with pytest.raises(ValueError, match="cluster -1"):
+        model.set_clusters([0, -1, 1, 2])
+    with pytest.raises(ValueError, match="4 entries"):
+        model.set_clusters([0, 1, 2])
+    model.set_clusters(torch.tensor([2, 2, 0, 1]))
+    assert model.cluster_of_task.tolist() == [2, 2, 0, 1]
+
+
+def grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(sum(g.abs().sum() for g in grads)) if grads else 0.0
+
+
+def test_compute_loss_mixed_batch_gradients_reach_exactly_the_used_parts():
+    cfg = dataclasses.replace(TINY, balance_coef=0.0)  # router must learn through W_k alone
+    model = make_model(cfg)
+    task_ids = [0, 1, 2, 1, 0, 2]  # tasks 0, 1, 2 -> clusters 0, 1; cluster 2 unused
+    total, metrics = model.compute_loss(*random_batch(task_ids, steps=5, cfg=cfg))
+    assert torch.isfinite(total)
+    total.backward()
+
+    routing = model.routing()
+    used = set(routing.indices[:3].flatten().tolist())
+    unused = set(range(cfg.num_experts)) - used
+    assert unused, "test set-up: some expert must be unselected"
+    for j in used:
+        assert grad_norm(model.experts[j].mixer) > 0 and grad_norm(model.experts[j].transformer) > 0
+    for j in unused:
+        assert all(p.grad is None for p in model.experts[j].parameters())
+    for c in (0, 1):
+        assert grad_norm(model.vaes[c]) > 0 and grad_norm(model.heads[c]) > 0
+    assert all(p.grad is None for p in model.vaes[2].parameters())
+    assert all(p.grad is None for p in model.heads[2].parameters())
+    assert grad_norm(model.shared) > 0 and grad_norm(model.shared_input) > 0
+    assert grad_norm(model.task_head) > 0 and grad_norm(model.task_embedding) > 0
+    assert grad_norm(model.router) > 0
+    sigma_grad = model.log_sigma.grad
+    assert (sigma_grad[:3] != 0).all() and sigma_grad[3] == 0  # task 3 absent
+
+    for task in range(3):
+        for term in ("rec", "reward", "termination", "task", "dyn", "rep", "total"):
+            assert torch.isfinite(metrics[f"wm/{term}/task{task}"])
+    assert "wm/rec/task3" not in metrics
+    assert metrics["wm/sigma/task3"].item() == pytest.approx(1.0)
+    # Total = harmonious over present tasks at sigma = 1: Σ (L_k + ln 2).
+    expected = sum(metrics[f"wm/total/task{k}"] for k in range(3)) + 3 * math.log(2)
+    torch.testing.assert_close(metrics["wm/total"], expected)
+    # Per-task total is the weighted sum of its terms.
+    m = {t: metrics[f"wm/{t}/task1"] for t in ("rec", "reward", "termination", "task", "dyn", "rep")}
+    torch.testing.assert_close(
+        metrics["wm/total/task1"],
+        m["rec"] + m["reward"] + m["termination"] + m["task"] + 0.5 * m["dyn"] + 0.1 * m["rep"],
+    )
+
+
+def test_balance_loss_enters_total():
+    model = make_model()
+    total, metrics = model.compute_loss(*random_batch([3, 3], steps=3))
+    expected = metrics["wm/harmonious"] + 0.1 * balance_loss(model.routing().dense, TINY.top_k)
+    torch.testing.assert_close(total.detach(), expected.detach())
+
+
+def test_kv_cache_matches_full_forward():
+    model = make_model().eval()
+    task_ids = torch.tensor([2, 0, 3, 2])
+    g = torch.Generator().manual_seed(1)
+    steps = 7
+    z = torch.randn(4, steps, TINY.world.latent_dim, generator=g)
+    actions = torch.randint(0, NUM_ACTIONS, (4, steps), generator=g)
+    with torch.no_grad():
+        full = model.hidden_states(z, actions, task_ids)
+        cache = model.new_cache(task_ids)
+        first = model.hidden_states(z[:, :3], actions[:, :3], task_ids, cache)
+        stepped = [first] + [
+            model.hidden_states(z[:, t : t + 1], actions[:, t : t + 1], task_ids, cache)
+            for t in range(3, steps)
+        ]
+    assert cache.shared.length == steps
+    assert set(cache.experts) == set(model.routing().indices[task_ids].flatten().tolist())
+    torch.testing.assert_close(torch.cat(stepped, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_imagine_and_act_state_shapes():
+    model = make_model()
+    obs, actions, _, _, task_ids = random_batch([0, 3, 1, 1, 2], steps=4)
+    calls = []
+
+    def policy(state):
+        calls.append(state.shape)
+        return torch.zeros(state.shape[0], dtype=torch.long)
+
+    horizon = 6
+    imagination = model.imagine(policy, obs, actions, task_ids, horizon)
+    assert isinstance(imagination, Imagination)
+    assert imagination.states.shape == (5, horizon + 1, TINY.state_dim)
+    assert imagination.actions.shape == imagination.rewards.shape == (5, horizon)
+    assert imagination.terminations.shape == (5, horizon)
+    assert torch.isfinite(imagination.states).all() and torch.isfinite(imagination.rewards).all()
+    assert calls == [(5, TINY.state_dim)] * horizon
+    assert model.training  # eval mode restored
+    state = model.act_state(obs, actions, task_ids)
+    assert state.shape == (5, TINY.state_dim)
+
+
+def test_parameter_breakdown_sums_to_model():
+    breakdown = mow_parameter_breakdown(TINY, NUM_ACTIONS)
+    model = make_model()
+    assert sum(breakdown.values()) == sum(p.numel() for p in model.parameters())
+    assert breakdown["experts"] == TINY.num_experts * sum(
+        p.numel() for p in model.experts[0].parameters()
+    )
+    assert breakdown["vaes"] == TINY.num_clusters * sum(p.numel() for p in model.vaes[0].parameters())
+    assert breakdown["task_embedding"] == TINY.num_tasks * TINY.task_embed_dim
+    full = mow_parameter_breakdown()  # paper-size defaults, meta device: instant
+    assert 200e6 < sum(full.values()) < 255e6
+
+
+def test_grouped_batch_equals_each_sequence_alone():
+    """Grouping by expert and re-assembling keeps every sequence in its own row."""
+    model = make_model().eval()
+    task_ids = torch.tensor([3, 0, 2, 0, 1])
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(5, 4, TINY.world.latent_dim, generator=g)
+    actions = torch.randint(0, NUM_ACTIONS, (5, 4), generator=g)
+    with torch.no_grad():
+        batched = model.hidden_states(z, actions, task_ids)
+        for row in range(5):
+            one = slice(row, row + 1)
+            alone = model.hidden_states(z[one], actions[one], task_ids[one])
+            torch.testing.assert_close(batched[one], alone, atol=1e-5, rtol=0)
