@@ -105,8 +105,10 @@ def cmd_train(args) -> int:
     trainer = Trainer(spec, params, runs_root=args.runs_root, track=not args.no_track, progress=not args.no_progress)
     model = trainer.run()
     try:
-        if not args.no_eval:
-            out = spec.raw_result(args.results_root)
+        out = spec.raw_result(args.results_root)
+        if not args.no_eval and _evaluated(out, model):
+            print(f"{spec.name}: already evaluated -> {out}")
+        elif not args.no_eval:
             record = evaluate(model, out_path=out)
             trainer.tracker.log({"eval/mean_return": record["mean_return"], "eval/std_return": record["std_return"],
                                  "eval/episodes": len(record["returns"])}, trainer.step)
@@ -118,6 +120,16 @@ def cmd_train(args) -> int:
         raise
     trainer.tracker.finish("FINISHED")
     return 0
+
+
+def _evaluated(raw: Path, model: Path) -> bool:
+    """The raw result exists and was produced from exactly this model file."""
+    from mow.checkpoint import file_sha256
+
+    try:
+        return json.loads(Path(raw).read_text()).get("checkpoint_sha256") == file_sha256(model)
+    except (OSError, ValueError):
+        return False
 
 
 def cmd_evaluate(args) -> int:

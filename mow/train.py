@@ -180,14 +180,12 @@ class Trainer:
         self.metrics.add(metrics)
 
     # -- main loop ---------------------------------------------------------------------
-    def act(self) -> np.ndarray:
-        n = self.cfg["num_envs"]
-        obs_t = torch.from_numpy(self.obs).to(self.runtime.device)
+    def act(self, obs_t: torch.Tensor) -> np.ndarray:
         actions = None
         if self.step >= self.cfg["warmup_steps"]:
             actions = self.policy(self.context, obs_t, greedy=False)
         if actions is None:
-            return random_actions(self.action_rng, n, self.num_actions)
+            return random_actions(self.action_rng, self.cfg["num_envs"], self.num_actions)
         return actions.cpu().numpy()
 
     def run(self) -> Path:
@@ -202,9 +200,13 @@ class Trainer:
         if resumed:
             self.tracker.truncate_after(self.step)
         try:
+            start = self.step
             self._loop()
-            self.save()
-            out = self._write_model()
+            # a rerun of a finished run rewrites nothing (at paper scale the state is GBs)
+            if self.step > start or not resumed or not model_path(self.run_dir).exists():
+                self.save()
+                self._write_model()
+            out = model_path(self.run_dir)
         except BaseException:
             self.tracker.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
             raise
@@ -225,12 +227,12 @@ class Trainer:
         episode_log: list[tuple[float, int]] = []
         last_return = float("nan")
         while self.step < total:
-            actions = self.act()
+            obs_t = torch.from_numpy(self.obs).to(self.runtime.device)
+            actions = self.act(obs_t)
             out = self.envs.step(actions)
             terminal = out.terminated | (out.life_loss if self.protocol["life_loss_termination"] else False)
             self.replay.add(self.obs, actions, out.reward, terminal)
-            self.context.push(torch.from_numpy(self.obs).to(self.runtime.device),
-                              torch.from_numpy(np.asarray(actions, dtype=np.int64)).to(self.runtime.device))
+            self.context.push(obs_t, torch.from_numpy(np.asarray(actions, dtype=np.int64)).to(self.runtime.device))
             self.obs = out.obs
             self.step += n
             for _, ret, length in out.finished:
@@ -277,12 +279,10 @@ class Trainer:
             raise TrainingDiverged(f"{self.spec.name}: non-finite {', '.join(bad)} at env step {self.step}; "
                                    f"last good checkpoint kept at {state_path(self.run_dir)}")
 
-    def _write_model(self) -> Path:
-        path = model_path(self.run_dir)
-        checkpoint.save(path, {
+    def _write_model(self) -> None:
+        checkpoint.save(model_path(self.run_dir), {
             "format": CHECKPOINT_FORMAT, "spec": asdict(self.spec), "params": self.params.to_dict(),
             "params_hash": self.params.digest(), "num_actions": self.num_actions, "env_steps": self.step,
             "world_model": self.wm.state_dict(), "actor_critic": self.ac.state_dict(),
             "mlflow_run_id": self.mlflow_run_id,
         }, keep_previous=False)
-        return path

@@ -63,6 +63,8 @@ def test_smoke_pong_writes_checkpoint_evaluation_and_mlflow_run(project):
     res = run_mow(["train", "--game", "Pong", "--seed", "1", "--no-progress"], cwd=project)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed storm/Pong/seed1" in res.stdout and "at env step 1200" in res.stdout
+    assert "already evaluated" in res.stdout
+    assert checkpoint.file_sha256(run_dir / "model.ckpt") == raw["checkpoint_sha256"]
     _, runs = _mlflow_runs(project, "mow-atari")
     assert len(runs) == 2
 
