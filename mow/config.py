@@ -76,8 +76,6 @@ def _schema_errors(tree: dict) -> list[str]:
             extra = sorted(k for k in err.instance if k not in allowed)
             messages.append(f"unknown key '{_path_str(path + extra[:1])}'"
                             + (f" (valid: {', '.join(sorted(allowed))})" if allowed else ""))
-        elif err.validator == "required":
-            messages.append(f"{_path_str(path)}: {err.message}")
         else:
             messages.append(f"{_path_str(path)}: {err.message}")
     return messages

@@ -24,7 +24,7 @@ from mow.envs import make_env
 from mow.envs.vector import VectorEnv
 from mow.policy import ContextWindow, Policy, random_actions
 from mow.runs import RunSpec
-from mow.runtime import make_runtime
+from mow.runtime import Runtime, select_device
 from mow.tracking import git_commit
 from mow.train import build_models
 
@@ -79,7 +79,7 @@ def evaluate(model_file: Path | str, *, out_path: Path | str, episodes: int | No
     """Evaluate a model file under the protocol it was trained for; write and return the raw record."""
     model_file = Path(model_file)
     started = time.perf_counter()
-    runtime = make_runtime({"threads": 0, "deterministic": False, "device": device or "auto", "precision": "fp32"})
+    runtime = Runtime(select_device(device or "auto"), amp_dtype=None)
     payload, params, wm, ac = load_model(model_file, runtime.device)
     spec = RunSpec(**payload["spec"])
     protocol = dict(params.protocol(spec.protocol))
