@@ -53,12 +53,29 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int | None = None) -> dict:
+def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int | None = None,
+                 method: str = "storm") -> dict:
+    """One env step's updates of `method`: STORM, or MoW over the 26 Atari games with
+    task-mixed batches (rows cycle through the tasks, as in training)."""
     from mow.train import build_models
+    from mow.train_mow import build_mow_models
 
     cfg, wm_cfg = params["train"], params["model"]["world_model"]
     device, num_actions = runtime.device, 18
-    wm, ac = build_models(params, num_actions, device)
+    if method == "mow":
+        from mow.envs import ATARI_GAMES
+
+        tasks = ATARI_GAMES
+        wm, ac = build_mow_models(params, "atari", tasks, num_actions,
+                                  [k % params["model"]["mow"]["num_clusters"] for k in range(len(tasks))], device)
+
+        def task_ids(b):
+            return (torch.arange(b) % len(tasks)).to(device)
+
+        extra = task_ids
+    else:
+        wm, ac = build_models(params, num_actions, device)
+        extra = None
     wm_opt = torch.optim.Adam(wm.parameters(), lr=cfg["wm_lr"])
     ac_opt = torch.optim.Adam([p for p in ac.parameters() if p.requires_grad], lr=cfg["ac_lr"], eps=cfg["ac_eps"])
     gen = torch.Generator().manual_seed(0)
@@ -74,10 +91,12 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
     obs, act = frames(B, T), actions(B, T)
     rew, term = torch.randn(B, T, device=device), (torch.rand(B, T, device=device) < 0.05).float()
 
+    wm_args = (extra(B),) if extra else ()
+
     def wm_update():
         wm.train()
         with runtime.autocast():
-            loss, _ = wm.compute_loss(obs, act, rew, term)
+            loss, _ = wm.compute_loss(obs, act, rew, term, *wm_args)
         wm_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg["wm_clip"])
@@ -87,14 +106,19 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
     ib = min(imag_batch or full_batch, full_batch)
     ctx_obs, ctx_act = frames(ib, cfg["imag_context"]), actions(ib, cfg["imag_context"])
     holder = {}
+    im_tasks = extra(ib) if extra else None
 
     def imagine():
         with runtime.autocast():
-            holder["imag"] = wm.imagine(lambda s: ac.act(s), ctx_obs, ctx_act, cfg["imag_horizon"])
+            if im_tasks is None:
+                holder["imag"] = wm.imagine(lambda s: ac.act(s), ctx_obs, ctx_act, cfg["imag_horizon"])
+            else:
+                holder["imag"] = wm.imagine(lambda s: ac.act(s, im_tasks), ctx_obs, ctx_act, im_tasks,
+                                            cfg["imag_horizon"])
 
     def ac_update():
         with runtime.autocast():
-            loss, _ = ac.compute_loss(holder["imag"])
+            loss, _ = ac.compute_loss(holder["imag"], *((im_tasks,) if im_tasks is not None else ()))
         ac_opt.zero_grad(set_to_none=True)
         loss.backward()
         ac_opt.step()
@@ -150,7 +174,13 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
         for dtype in precisions:
             runtime = Runtime(base.device, dtype)
             print(f"bench: scale={scale} precision={runtime.precision} on {base.device} ...", flush=True)
-            per_scale[runtime.precision] = bench_models(params, runtime, repeats, imag_batch)
+            storm = bench_models(params, runtime, repeats, imag_batch)
+            print(f"bench: scale={scale} precision={runtime.precision} MoW (26 Atari tasks) ...", flush=True)
+            mow = bench_models(params, runtime, repeats, imag_batch, method="mow")
+            storm["mow"] = mow
+            # both methods run update_ratio updates per env step (MoW: summed over tasks)
+            storm["mow_vs_storm_update_cost"] = mow["train_step_s"] / storm["train_step_s"]
+            per_scale[runtime.precision] = storm
         if scale == "paper" and base.device.type == "cpu":
             for prec, r in per_scale.items():
                 r["speedup_vs_official_cpu_fp32"] = {

@@ -1,6 +1,7 @@
 """Load `params.yaml`, apply the scale preset and command-line overrides, validate, freeze.
 
-Resolution order: file -> `scales[<scale>]` preset -> `--set key=value` overrides. The
+Resolution order: file -> `scales[<scale>]` preset -> `variants[<variant>]` preset (MoW
+ablations) -> `--set key=value` overrides. The
 result is checked against `workflow/schemas/params.schema.yaml` (the same schema the
 Snakefile validates with) plus the cross-key rules the schema cannot express. Every
 failure is a `ConfigError` whose one-line message names the file and the key path.
@@ -97,6 +98,14 @@ def _semantic_errors(tree: dict) -> list[str]:
     if tr["imag_context"] + tr["imag_horizon"] > wm["max_len"]:
         errs.append(f"train.imag_horizon: imag_context + imag_horizon = {tr['imag_context'] + tr['imag_horizon']} "
                     f"exceeds model.world_model.max_len {wm['max_len']}")
+    mow = tree["model"]["mow"]
+    if mow["top_k"] > mow["num_experts"]:
+        errs.append(f"model.mow.top_k: {mow['top_k']} exceeds model.mow.num_experts {mow['num_experts']}")
+    for part in ("expert", "shared"):
+        if mow[f"{part}_d_model"] % mow[f"{part}_heads"]:
+            errs.append(f"model.mow.{part}_heads: {mow[f'{part}_heads']} does not divide {part}_d_model {mow[f'{part}_d_model']}")
+    if not (mow["use_experts"] or mow["use_shared"]):
+        errs.append("model.mow.use_shared: use_experts and use_shared cannot both be false")
     if tr["warmup_steps"] >= tr["env_steps"]:
         errs.append(f"train.warmup_steps: {tr['warmup_steps']} must be below train.env_steps {tr['env_steps']}")
     if tr["wm_seq_len"] * tr["num_envs"] > tr["buffer_capacity"]:
@@ -141,7 +150,8 @@ def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def resolve(raw: dict, *, scale: str | None = None, overrides: Iterable[str] = (), source: str = "params.yaml") -> dict:
+def resolve(raw: dict, *, scale: str | None = None, overrides: Iterable[str] = (), source: str = "params.yaml",
+            variant: str = "full") -> dict:
     """Validate the raw file and every preset, then return the resolved tree."""
     _check(raw, source)
     for name, preset in raw["scales"].items():
@@ -150,6 +160,13 @@ def resolve(raw: dict, *, scale: str | None = None, overrides: Iterable[str] = (
             _check(merged, source)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace(f"{source}: ", f"{source}: scales.{name}: ", 1)) from None
+        for vname, vpreset in raw["variants"].items():
+            try:
+                _check(deep_merge(merged, vpreset), source)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace(f"{source}: ", f"{source}: variants.{vname} (scale {name}): ", 1)) from None
+    if variant not in raw["variants"]:
+        raise ConfigError(f"{source}: variant: unknown variant '{variant}' (valid: {', '.join(raw['variants'])})")
     parsed = [parse_override(o) for o in overrides]
     for parts, value in parsed:
         if parts == ["scale"]:
@@ -157,12 +174,13 @@ def resolve(raw: dict, *, scale: str | None = None, overrides: Iterable[str] = (
     scale = scale if scale is not None else raw["scale"]
     if scale not in raw["scales"]:
         raise ConfigError(f"{source}: scale: unknown scale '{scale}' (valid: {', '.join(raw['scales'])})")
-    tree = deep_merge(raw, raw["scales"][scale])
+    tree = deep_merge(deep_merge(raw, raw["scales"][scale]), raw["variants"][variant])
     tree["scale"] = scale
     for parts, value in parsed:
         if parts != ["scale"]:
             _apply_override(tree, parts, value)
-    _check(tree, f"{source} (scale={scale}{', with --set overrides' if parsed else ''})")
+    _check(tree, f"{source} (scale={scale}{f', variant={variant}' if variant != 'full' else ''}"
+                 f"{', with --set overrides' if parsed else ''})")
     return tree
 
 
@@ -240,8 +258,16 @@ class Params:
 
         return AgentConfig(**self.to_dict()["model"]["agent"])
 
+    def mow_config(self, num_tasks: int):
+        from mow.models.mow_world_model import MoWConfig
 
-def load_params(path: str | Path | None = None, *, scale: str | None = None, overrides: Iterable[str] = ()) -> Params:
+        mow = self.to_dict()["model"]["mow"]
+        mow.pop("clustering")  # how clusters are found, not part of the model
+        return MoWConfig(world=self.world_model_config(), num_tasks=num_tasks, **mow)
+
+
+def load_params(path: str | Path | None = None, *, scale: str | None = None, overrides: Iterable[str] = (),
+                variant: str = "full") -> Params:
     path = Path(path) if path else DEFAULT_PARAMS
-    tree = resolve(_read_yaml(path), scale=scale, overrides=overrides, source=str(path))
+    tree = resolve(_read_yaml(path), scale=scale, overrides=overrides, source=str(path), variant=variant)
     return Params(tree=freeze(tree), source=str(path))

@@ -8,6 +8,7 @@ Returns include the final step's reward (the official STORM logger drops it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -23,7 +24,7 @@ from mow.config import Params, freeze
 from mow.envs import make_env
 from mow.envs.vector import VectorEnv
 from mow.policy import ContextWindow, Policy, random_actions
-from mow.runs import RunSpec
+from mow.runs import MULTITASK_METHODS, RunSpec
 from mow.runtime import Runtime, select_device
 from mow.tracking import git_commit
 from mow.train import build_models
@@ -36,7 +37,13 @@ def load_model(path: Path | str, device: torch.device):
     """Rebuild the world model and actor-critic of a final model file (checksum verified)."""
     payload = checkpoint.load(path)
     params = Params(tree=freeze(payload["params"]), source=str(path))
-    wm, ac = build_models(params, payload["num_actions"], device)
+    if payload["spec"]["method"] in MULTITASK_METHODS:
+        from mow.train_mow import build_mow_models
+
+        wm, ac = build_mow_models(params, payload["spec"]["suite"], payload["tasks"], payload["num_actions"],
+                                  payload["clusters"], device)
+    else:
+        wm, ac = build_models(params, payload["num_actions"], device)
     wm.load_state_dict(payload["world_model"])
     ac.load_state_dict(payload["actor_critic"])
     wm.eval()
@@ -52,7 +59,9 @@ def episode_quotas(episodes: int, envs: int) -> np.ndarray:
 
 
 def run_episodes(policy: Policy, envs: VectorEnv, quotas: np.ndarray, *, greedy: bool, seed: int,
-                 act_context: int, runtime) -> list[dict]:
+                 act_context: int, runtime, legal: np.ndarray | None = None) -> list[dict]:
+    """Play each env's quota of episodes; `legal` (bool [num_actions]) limits the random
+    first action of a multi-task agent to its task's actions."""
     n = envs.num_envs
     rng = np.random.default_rng(seed)
     num_actions = int(envs.single_action_space.n)
@@ -63,7 +72,11 @@ def run_episodes(policy: Policy, envs: VectorEnv, quotas: np.ndarray, *, greedy:
     while (done < quotas).any():
         obs_t = torch.from_numpy(obs).to(runtime.device)
         actions = policy(context, obs_t, greedy=greedy)
-        actions = random_actions(rng, n, num_actions) if actions is None else actions.cpu().numpy()
+        if actions is None:
+            actions = (random_actions(rng, n, num_actions) if legal is None
+                       else rng.choice(np.flatnonzero(legal), size=n))
+        else:
+            actions = actions.cpu().numpy()
         out = envs.step(actions)
         context.push(obs_t, torch.from_numpy(np.asarray(actions, dtype=np.int64)).to(runtime.device))
         obs = out.obs
@@ -75,23 +88,36 @@ def run_episodes(policy: Policy, envs: VectorEnv, quotas: np.ndarray, *, greedy:
 
 
 def evaluate(model_file: Path | str, *, out_path: Path | str, episodes: int | None = None,
-             device: str | None = None) -> dict:
-    """Evaluate a model file under the protocol it was trained for; write and return the raw record."""
+             device: str | None = None, task: str | None = None, loaded=None) -> dict:
+    """Evaluate a model file under the protocol it was trained for; write and return the raw record.
+
+    A multi-task (MoW) model is evaluated on one of its tasks (`task`); pass `loaded`
+    (from `load_model`) to evaluate several tasks without reloading.
+    """
     model_file = Path(model_file)
     started = time.perf_counter()
     runtime = Runtime(select_device(device or "auto"), amp_dtype=None)
-    payload, params, wm, ac = load_model(model_file, runtime.device)
+    payload, params, wm, ac = loaded or load_model(model_file, runtime.device)
     spec = RunSpec(**payload["spec"])
+    multitask = spec.method in MULTITASK_METHODS
+    if multitask:
+        if task not in payload["tasks"]:
+            raise ValueError(f"task: '{task}' is not one of the model's tasks ({', '.join(payload['tasks'])})")
+        spec = dataclasses.replace(spec, task=task)
     protocol = dict(params.protocol(spec.protocol))
     n_episodes = episodes or protocol["eval_episodes"]
     quotas = episode_quotas(n_episodes, protocol["eval_envs"])
     seed = spec.seed + EVAL_SEED_OFFSET
-    envs = VectorEnv([partial(make_env, spec.suite, spec.task, protocol, seed=seed + i, train=False)
-                      for i in range(len(quotas))])
-    policy = Policy(wm, ac, runtime, act_latent=params["train"]["act_latent"])
+    envs = VectorEnv([partial(make_env, spec.suite, spec.task, protocol, seed=seed + i, train=False,
+                              full_action_space=multitask) for i in range(len(quotas))])
+    task_ids = None
+    if multitask:
+        task_ids = torch.full((len(quotas),), payload["tasks"].index(task), dtype=torch.long, device=runtime.device)
+    policy = Policy(wm, ac, runtime, act_latent=params["train"]["act_latent"], task_ids=task_ids)
     try:
         eps = run_episodes(policy, envs, quotas, greedy=protocol["eval_policy"] == "greedy", seed=seed,
-                           act_context=params["train"]["act_context"], runtime=runtime)
+                           act_context=params["train"]["act_context"], runtime=runtime,
+                           legal=ac.action_masks[task_ids[0]].cpu().numpy() if multitask else None)
     finally:
         envs.close()
     returns = [e["return"] for e in eps]

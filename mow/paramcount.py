@@ -45,14 +45,54 @@ class ParamsTable:
         return "\n".join(lines)
 
 
-def params_table() -> ParamsTable:
+# Components shared by both methods, so the columns line up (MoW-only parts get own rows).
+COMPONENTS = ["VAEs (encoder, posterior, decoder)", "sequence model (mixers, Transformers)",
+              "dynamics, reward, termination heads", "task head, embedding, router, sigma", "actor", "critics",
+              "slow critics"]
+
+
+def _storm_groups(parts: dict[str, int]) -> dict[str, int]:
+    return {COMPONENTS[0]: parts["encoder"] + parts["posterior_head"] + parts["decoder"],
+            COMPONENTS[1]: parts["token_mixer"] + parts["transformer"],
+            COMPONENTS[2]: parts["prior_head"] + parts["reward_head"] + parts["termination_head"],
+            COMPONENTS[3]: 0, COMPONENTS[4]: parts["actor"], COMPONENTS[5]: parts["critic"],
+            COMPONENTS[6]: parts["slow_critic"]}
+
+
+def mow_breakdown(params=None) -> dict[str, int]:
+    """The Atari MoW agent (26 tasks, 18 shared actions) of `params` (default: the paper
+    configuration in ./params.yaml), built on the meta device."""
+    import torch
+
+    from mow.config import load_params
+    from mow.envs import ATARI_GAMES
+    from mow.models import count_parameters
+    from mow.models.actor_critic import MultiTaskActorCritic
+    from mow.models.mow_world_model import mow_parameter_breakdown
+
+    params = params or load_params(scale="paper")
+    cfg = params.mow_config(len(ATARI_GAMES))
+    wm = mow_parameter_breakdown(cfg, 18)
+    masks = torch.ones(len(ATARI_GAMES), 18, dtype=torch.bool)  # masks hold no parameters
+    with torch.device("meta"):
+        ac = MultiTaskActorCritic(params.agent_config(), cfg.state_dim, 18, masks, cfg.num_clusters)
+    return {COMPONENTS[0]: wm["vaes"], COMPONENTS[1]: wm["experts"] + wm["shared"], COMPONENTS[2]: wm["cluster_heads"],
+            COMPONENTS[3]: wm["task_head"] + wm["task_embedding"] + wm["router"] + wm["harmonious_sigma"],
+            COMPONENTS[4]: count_parameters(ac.actor), COMPONENTS[5]: count_parameters(ac.critics),
+            COMPONENTS[6]: count_parameters(ac.slow_critics)}
+
+
+def params_table(params=None) -> ParamsTable:
+    """MoW (one agent, 26 games) beside one STORM and the 26 single-game STORMs."""
     from mow.envs import ATARI_GAMES, ATARI_MINIMAL_ACTIONS
     from mow.models import storm_parameter_breakdown
 
-    one = storm_parameter_breakdown(18)
+    one = _storm_groups(storm_parameter_breakdown(18))
     many: dict[str, int] = {}
     for game in ATARI_GAMES:
-        for comp, n in storm_parameter_breakdown(ATARI_MINIMAL_ACTIONS[game]).items():
+        for comp, n in _storm_groups(storm_parameter_breakdown(ATARI_MINIMAL_ACTIONS[game])).items():
             many[comp] = many.get(comp, 0) + n
-    return ParamsTable(components=list(one), columns={"STORM x1 (18 act.)": one, "STORM x26 (minimal)": many},
-                       references={"STORM x26 (minimal)": PAPER_STORM26_MIB})
+    return ParamsTable(components=list(COMPONENTS),
+                       columns={"MoW (26 games)": mow_breakdown(params), "STORM x1 (18 act.)": one,
+                                "STORM x26 (minimal)": many},
+                       references={"MoW (26 games)": PAPER_MOW_MIB, "STORM x26 (minimal)": PAPER_STORM26_MIB})

@@ -42,14 +42,21 @@ class ContextWindow:
 
 
 class Policy:
-    """Maps the current observations (plus the context window) to env actions."""
+    """Maps the current observations (plus the context window) to env actions.
 
-    def __init__(self, world_model, actor_critic, runtime, *, act_latent: str = "prior", action_mask: torch.Tensor | None = None):
+    With ``task_ids`` (long ``[N]``, one per env) the models are MoW's: the world model and
+    the shared actor take the task of every env, and the actor masks each task's illegal
+    actions itself.
+    """
+
+    def __init__(self, world_model, actor_critic, runtime, *, act_latent: str = "prior",
+                 action_mask: torch.Tensor | None = None, task_ids: torch.Tensor | None = None):
         if act_latent not in ("prior", "posterior"):
             raise ValueError(f"train.act_latent: unknown value '{act_latent}' (valid: prior, posterior)")
         self.wm, self.ac, self.runtime = world_model, actor_critic, runtime
         self.act_latent = act_latent
         self.action_mask = action_mask
+        self.task_ids = task_ids
 
     @torch.no_grad()
     def __call__(self, context: ContextWindow, current_obs: torch.Tensor, *, greedy: bool) -> torch.Tensor | None:
@@ -60,11 +67,14 @@ class Policy:
         was_training = self.wm.training
         self.wm.eval()
         try:
+            tasks = () if self.task_ids is None else (self.task_ids,)
             with self.runtime.autocast():
-                state = self.wm.act_state(obs_ctx, act_ctx)
+                state = self.wm.act_state(obs_ctx, act_ctx, *tasks)
                 if self.act_latent == "posterior":
-                    z = self.wm.vae.sample(self.wm.vae.encode(current_obs)).to(state.dtype)
+                    z = self.wm.posterior_sample(current_obs, *tasks).to(state.dtype)
                     state = torch.cat([z, state[:, z.shape[-1]:]], dim=-1)
+                if self.task_ids is not None:
+                    return self.ac.act(state.float(), self.task_ids, greedy=greedy)
                 return self.ac.act(state.float(), greedy=greedy, action_mask=self.action_mask)
         finally:
             self.wm.train(was_training)

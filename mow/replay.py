@@ -51,17 +51,24 @@ class ReplayBuffer:
     def can_sample(self, seq_len: int) -> bool:
         return self.filled >= seq_len
 
-    def _rows(self, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, batch: int, seq_len: int, streams: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.can_sample(seq_len):
             raise ValueError(f"replay holds {self.filled} steps per stream, fewer than a sequence of {seq_len}")
         starts = torch.randint(0, self.filled - seq_len + 1, (batch,), generator=self.generator)
-        envs = torch.randint(0, self.num_envs, (batch,), generator=self.generator)
+        if streams is None:
+            envs = torch.randint(0, self.num_envs, (batch,), generator=self.generator)
+        else:
+            envs = torch.as_tensor(streams, dtype=torch.long).cpu()
+            if envs.shape != (batch,) or envs.min() < 0 or envs.max() >= self.num_envs:
+                raise ValueError(f"streams must be {batch} indices in [0, {self.num_envs}), got {envs.tolist()}")
         oldest = self.cursor if self.filled == self.rows else 0
         rows = (oldest + starts[:, None] + torch.arange(seq_len)[None]) % self.rows
         return rows.to(self.device), envs[:, None].expand(-1, seq_len).to(self.device)
 
-    def sample(self, batch: int, seq_len: int) -> Batch:
-        rows, envs = self._rows(batch, seq_len)
+    def sample(self, batch: int, seq_len: int, streams: torch.Tensor | None = None) -> Batch:
+        """`batch` sequences of `seq_len` steps; row i from stream `streams[i]` if given
+        (the multi-task trainer picks each row's task), else from a uniform stream."""
+        rows, envs = self._rows(batch, seq_len, streams)
         return Batch(self.obs[rows, envs], self.actions[rows, envs], self.rewards[rows, envs], self.terminations[rows, envs])
 
     def recent_context(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,14 @@
     results/raw/<scale>/<suite>/<protocol>/<method>/<variant>/<task>/seed<k>.json
                                          per-episode evaluation returns (the raw result)
 
+MoW trains one agent on every task of a suite: its run folder uses the task name `all`
+(`.../mow/<variant>/all/seed<k>/`) and additionally holds
+        warmup/pretrain.ckpt             warm-up weights (one shared VAE + head set)
+        warmup/clusters.json             task clusters (fixed for the whole run)
+        routing.json, imagination.npz    final routing weights and imagined rollouts (figures)
+and its evaluation writes one raw file per task. The fixed random-policy warm-up data is
+shared by every variant: runs/<scale>/<suite>/<protocol>/warmup_data/seed<k>/replay.ckpt.
+
 The scale is the top folder so smoke and paper outputs can never be mixed up.
 """
 
@@ -16,7 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-METHODS = ("storm",)
+METHODS = ("storm", "mow")
+MULTITASK_METHODS = ("mow",)
+JOINT_TASK = "all"  # the task folder of a run that trains every task of its suite
 
 
 @dataclass(frozen=True)
@@ -49,3 +59,15 @@ def state_path(run_dir: Path) -> Path:
 
 def model_path(run_dir: Path) -> Path:
     return Path(run_dir) / "model.ckpt"
+
+
+def warmup_data_path(root: Path | str, scale: str, suite: str, protocol: str, seed: int) -> Path:
+    return Path(root) / scale / suite / protocol / "warmup_data" / f"seed{seed}" / "replay.ckpt"
+
+
+def pretrain_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "warmup" / "pretrain.ckpt"
+
+
+def clusters_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "warmup" / "clusters.json"

@@ -158,6 +158,28 @@ class Tracker:
         if self.enabled:
             _retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_dir), f"log artifact {path}")
 
+    def log_task_result(self, task: str, metrics: Mapping[str, float], step: int, artifact: Path | None = None) -> None:
+        """A multi-task run's per-task results as a nested child run `<run name>/<task>`."""
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps({"step": step, **{f"{k}/{task}": float(v) for k, v in metrics.items()}}) + "\n")
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        run = _retry(lambda: self.client.get_run(self.run_id), "read run")
+        exp_id = run.info.experiment_id
+        child = self._find_or_create(exp_id, {"mow.task_of": self.run_id, "mow.task": task},
+                                     run_name=f"{self.run_name.split('/')[0]}/{task}/{self.run_name.split('/')[-1]}",
+                                     extra_tags={"mlflow.parentRunId": self.run_id, **{
+                                         k: v for k, v in run.data.tags.items()
+                                         if k.startswith("mow.") and k not in ("mow.run_key", "mow.task")}})
+        now = int(time.time() * 1000)
+        _retry(lambda: self.client.log_batch(child, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]),
+               "log task metrics")
+        if artifact is not None:
+            _retry(lambda: self.client.log_artifact(child, str(artifact), "eval"), f"log artifact {artifact}")
+        _retry(lambda: self.client.set_terminated(child, status="FINISHED"), "end task run")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         if self.enabled:

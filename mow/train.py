@@ -89,25 +89,68 @@ class Trainer:
         device = self.runtime.device
 
         seed_everything(spec.seed)
-        n = self.cfg["num_envs"]
-        env_fn = partial(make_env, spec.suite, spec.task, self.protocol, train=True)
-        self.envs = VectorEnv([partial(env_fn, seed=spec.seed * 1000 + i) for i in range(n)])
+        self.envs_per_task = self.cfg["num_envs"]
+        self.envs = self._make_envs()
         self.num_actions = int(self.envs.single_action_space.n)
-        self.wm, self.ac = build_models(params, self.num_actions, device)
+        self.wm, self.ac = self._build_models(device)
         self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=self.cfg["wm_lr"], eps=self.cfg["wm_eps"])
         self.ac_opt = torch.optim.Adam([p for p in self.ac.parameters() if p.requires_grad],
                                        lr=self.cfg["ac_lr"], eps=self.cfg["ac_eps"])
         obs_shape = self.envs.single_observation_space.shape
-        self.replay = ReplayBuffer(self.cfg["buffer_capacity"], n, obs_shape, device=device, seed=spec.seed)
+        n = self.envs.num_envs
+        self.replay = ReplayBuffer(self.cfg["buffer_capacity"] * self.num_tasks, n, obs_shape, device=device,
+                                   seed=spec.seed)
         self.context = ContextWindow(n, self.cfg["act_context"], obs_shape, device)
-        self.policy = Policy(self.wm, self.ac, self.runtime, act_latent=self.cfg["act_latent"])
+        self.policy = self._make_policy()
         self.action_rng = np.random.default_rng(spec.seed)
-        self.step = 0
+        self.step = 0  # agent steps per task (every task advances together)
         self.update_credit = 0.0
         self.updates = 0
         self.obs = self.envs.reset(seed=spec.seed * 1000)
         self.mlflow_run_id: str | None = None
         self.metrics = MetricAccumulator()
+
+    # -- what differs between the single-task and the multi-task agent ------------------
+    num_tasks = 1
+
+    def _make_envs(self) -> VectorEnv:
+        env_fn = partial(make_env, self.spec.suite, self.spec.task, self.protocol, train=True)
+        return VectorEnv([partial(env_fn, seed=self.spec.seed * 1000 + i) for i in range(self.envs_per_task)])
+
+    def _build_models(self, device: torch.device):
+        return build_models(self.params, self.num_actions, device)
+
+    def _make_policy(self) -> Policy:
+        return Policy(self.wm, self.ac, self.runtime, act_latent=self.cfg["act_latent"])
+
+    def _initialise(self) -> None:
+        """Called once when a run starts from scratch (not on resume)."""
+
+    def _random_actions(self) -> np.ndarray:
+        return random_actions(self.action_rng, self.envs.num_envs, self.num_actions)
+
+    def _wm_loss(self) -> tuple[torch.Tensor, dict]:
+        batch = self.replay.sample(self.cfg["wm_batch"], self.cfg["wm_seq_len"])
+        with self.runtime.autocast():
+            return self.wm.compute_loss(batch.obs, batch.actions, batch.rewards, batch.terminations)
+
+    def _ac_loss(self):
+        ctx = self.replay.sample(self.cfg["imag_batch"], self.cfg["imag_context"])
+        with self.runtime.autocast():
+            imagination = self.wm.imagine(lambda s: self.ac.act(s), ctx.obs, ctx.actions, self.cfg["imag_horizon"])
+            loss, metrics = self.ac.compute_loss(imagination)
+        return loss, metrics, imagination
+
+    def _episode_scalars(self, episodes: list[tuple[int, float, int]]) -> dict[str, float]:
+        return {"episode/return": float(np.mean([r for _, r, _ in episodes])),
+                "episode/length": float(np.mean([l for _, _, l in episodes])),
+                "episode/count": len(episodes)}
+
+    def _model_extra(self) -> dict:
+        return {}
+
+    def _metrics_dir(self) -> Path:
+        return self.run_dir
 
     # -- checkpoint ------------------------------------------------------------------
     def _state(self) -> dict:
@@ -121,11 +164,14 @@ class Trainer:
             "mlflow_run_id": self.mlflow_run_id,
         }
 
+    def _state_file(self) -> Path:
+        return state_path(self.run_dir)
+
     def save(self) -> None:
-        checkpoint.save(state_path(self.run_dir), self._state())
+        checkpoint.save(self._state_file(), self._state())
 
     def restore(self) -> bool:
-        found = checkpoint.load_latest(state_path(self.run_dir), warn=self.log)
+        found = checkpoint.load_latest(self._state_file(), warn=self.log)
         if found is None:
             return False
         state, path = found
@@ -154,30 +200,30 @@ class Trainer:
 
     # -- updates -----------------------------------------------------------------------
     def update_world_model(self) -> None:
-        batch = self.replay.sample(self.cfg["wm_batch"], self.cfg["wm_seq_len"])
         self.wm.train()
-        with self.runtime.autocast():
-            loss, metrics = self.wm.compute_loss(batch.obs, batch.actions, batch.rewards, batch.terminations)
+        loss, metrics = self._wm_loss()
         self.wm_opt.zero_grad(set_to_none=True)
         loss.backward()
+        self._sync_gradients(self.wm.parameters())
         metrics["wm/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), self.cfg["wm_clip"])
         self.wm_opt.step()
         self.metrics.add(metrics)
 
     def update_actor_critic(self) -> None:
-        ctx = self.replay.sample(self.cfg["imag_batch"], self.cfg["imag_context"])
-        with self.runtime.autocast():
-            imagination = self.wm.imagine(lambda s: self.ac.act(s), ctx.obs, ctx.actions, self.cfg["imag_horizon"])
-            loss, metrics = self.ac.compute_loss(imagination)
+        loss, metrics, imagination = self._ac_loss()
+        trainable = [p for p in self.ac.parameters() if p.requires_grad]
         self.ac_opt.zero_grad(set_to_none=True)
         loss.backward()
-        metrics["ac/grad_norm"] = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.ac.parameters() if p.requires_grad], self.cfg["ac_clip"])
+        self._sync_gradients(trainable)
+        metrics["ac/grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, self.cfg["ac_clip"])
         self.ac_opt.step()
         self.ac.update_slow_critic()
         metrics["imag/reward_mean"] = imagination.rewards.float().mean()
         metrics["imag/termination_rate"] = imagination.terminations.float().mean()
         self.metrics.add(metrics)
+
+    def _sync_gradients(self, parameters) -> None:
+        """Data-parallel hook (multi-task trainer under torchrun); one process: nothing to do."""
 
     # -- main loop ---------------------------------------------------------------------
     def act(self, obs_t: torch.Tensor) -> np.ndarray:
@@ -185,14 +231,17 @@ class Trainer:
         if self.step >= self.cfg["warmup_steps"]:
             actions = self.policy(self.context, obs_t, greedy=False)
         if actions is None:
-            return random_actions(self.action_rng, self.cfg["num_envs"], self.num_actions)
+            return self._random_actions()
         return actions.cpu().numpy()
 
     def run(self) -> Path:
         resumed = self.restore()
+        if not resumed:
+            self._initialise()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics_dir().mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.params.to_dict(), sort_keys=False))
-        self.tracker = Tracker(self.run_dir, suite=self.spec.suite, method=self.spec.method, variant=self.spec.variant,
+        self.tracker = Tracker(self._metrics_dir(), suite=self.spec.suite, method=self.spec.method, variant=self.spec.variant,
                                task=self.spec.task, seed=self.spec.seed, protocol=self.spec.protocol, scale=self.spec.scale,
                                params_tree=self.params.to_dict(), params_hash=self.params.digest(),
                                resume_run_id=self.mlflow_run_id, enabled=self.track)
@@ -215,7 +264,7 @@ class Trainer:
         return out
 
     def _loop(self) -> None:
-        cfg, n = self.cfg, self.cfg["num_envs"]
+        cfg, n = self.cfg, self.envs_per_task
         total = cfg["env_steps"]
         bar = None
         if self.progress:
@@ -224,7 +273,7 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, unit="step", desc=self.spec.name, dynamic_ncols=True,
                        mininterval=1.0, file=sys.stderr)
         last_log_step, last_time, last_updates = self.step, time.perf_counter(), self.updates
-        episode_log: list[tuple[float, int]] = []
+        episode_log: list[tuple[int, float, int]] = []
         last_return = float("nan")
         while self.step < total:
             obs_t = torch.from_numpy(self.obs).to(self.runtime.device)
@@ -235,12 +284,13 @@ class Trainer:
             self.context.push(obs_t, torch.from_numpy(np.asarray(actions, dtype=np.int64)).to(self.runtime.device))
             self.obs = out.obs
             self.step += n
-            for _, ret, length in out.finished:
-                episode_log.append((ret, length))
+            for env, ret, length in out.finished:
+                episode_log.append((env, ret, length))
                 last_return = ret
 
             if self.step > cfg["warmup_steps"] and self.replay.can_sample(max(cfg["wm_seq_len"], cfg["imag_context"])):
-                self.update_credit += n * cfg["update_ratio"]
+                # updates per env step summed over tasks: K tasks get K times STORM's updates
+                self.update_credit += n * self.num_tasks * cfg["update_ratio"]
                 while self.update_credit >= 1.0:
                     self.update_credit -= 1.0
                     self.update_world_model()
@@ -259,9 +309,7 @@ class Trainer:
                 if self.runtime.device.type == "cuda":
                     scalars["perf/gpu_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
                 if episode_log:
-                    scalars["episode/return"] = float(np.mean([r for r, _ in episode_log]))
-                    scalars["episode/length"] = float(np.mean([l for _, l in episode_log]))
-                    scalars["episode/count"] = len(episode_log)
+                    scalars.update(self._episode_scalars(episode_log))
                     episode_log.clear()
                 self.tracker.log(scalars, self.step)
                 self.tracker.flush()
@@ -277,12 +325,12 @@ class Trainer:
         bad = [k for k, v in scalars.items() if not math.isfinite(v)]
         if bad:
             raise TrainingDiverged(f"{self.spec.name}: non-finite {', '.join(bad)} at env step {self.step}; "
-                                   f"last good checkpoint kept at {state_path(self.run_dir)}")
+                                   f"last good checkpoint kept at {self._state_file()}")
 
     def _write_model(self) -> None:
         checkpoint.save(model_path(self.run_dir), {
             "format": CHECKPOINT_FORMAT, "spec": asdict(self.spec), "params": self.params.to_dict(),
             "params_hash": self.params.digest(), "num_actions": self.num_actions, "env_steps": self.step,
             "world_model": self.wm.state_dict(), "actor_critic": self.ac.state_dict(),
-            "mlflow_run_id": self.mlflow_run_id,
+            "mlflow_run_id": self.mlflow_run_id, **self._model_extra(),
         }, keep_previous=False)

@@ -101,44 +101,166 @@ class ActorCritic(nn.Module):
         value loss = CE(V(s_t), sg G^λ[critic]) + CE(V(s_t), sg G^λ[slow critic]);
         policy loss = -mean(log π(a_t|s_t) · sg((G^λ - V(s_t)) / max(1, S))) - η · mean H(π).
         """
-        cfg = self.cfg
         states = imag.states
-        dist = self.policy(states[:, :-1], action_mask)
-        log_prob = dist.log_prob(imag.actions)
-        entropy = dist.entropy().mean()
-        value_logits = self.critic(states)
-
         with torch.no_grad():
-            continues = 1.0 - imag.terminations.float()
-            values = self.two_hot.decode(value_logits)
-            slow_values = self.two_hot.decode(self.slow_critic(states))
-            returns = lambda_return(
-                imag.rewards, values, continues, cfg.gamma, cfg.lam, cfg.lambda_form
-            )
-            slow_returns = lambda_return(
-                imag.rewards, slow_values, continues, cfg.gamma, cfg.lam, cfg.lambda_form
-            )
-            scale = self.normalizer.update(returns)
-            advantage = (returns - values[:, :-1]) / scale
-
-        value_loss = self.two_hot.loss(value_logits[:, :-1], returns) + self.two_hot.loss(
-            value_logits[:, :-1], slow_returns
+            slow_logits = self.slow_critic(states)
+        return imagination_loss(
+            self.cfg, self.two_hot, self.policy(states[:, :-1], action_mask), self.critic(states),
+            slow_logits, imag, self.normalizer.update,
         )
-        policy_loss = -(log_prob * advantage).mean()
-        total = policy_loss + value_loss - cfg.entropy * entropy
-        metrics = {
-            "ac/total": total,
-            "ac/policy": policy_loss,
-            "ac/value": value_loss,
-            "ac/entropy": entropy,
-            "ac/return_mean": returns.mean(),
-            "ac/scale": scale,
-            "ac/advantage_mean": advantage.mean(),
-        }
-        return total, {name: value.detach() for name, value in metrics.items()}
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
         """slow <- decay * slow + (1 - decay) * critic, parameter by parameter."""
         for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
+            slow.lerp_(fast, 1.0 - self.cfg.slow_critic_decay)
+
+
+def imagination_loss(
+    cfg: AgentConfig,
+    two_hot: TwoHot,
+    dist: Categorical,
+    value_logits: torch.Tensor,
+    slow_value_logits: torch.Tensor,
+    imag: Imagination,
+    return_scale,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The STORM actor-critic loss shared by the single- and multi-task agents.
+
+    ``return_scale(returns)`` folds the λ-returns into the normaliser(s) and returns
+    max(1, S), a scalar or one value per sequence ``[B, 1]``.
+    """
+    log_prob = dist.log_prob(imag.actions)
+    entropy = dist.entropy().mean()
+    with torch.no_grad():
+        continues = 1.0 - imag.terminations.float()
+        values = two_hot.decode(value_logits)
+        slow_values = two_hot.decode(slow_value_logits)
+        returns = lambda_return(imag.rewards, values, continues, cfg.gamma, cfg.lam, cfg.lambda_form)
+        slow_returns = lambda_return(
+            imag.rewards, slow_values, continues, cfg.gamma, cfg.lam, cfg.lambda_form
+        )
+        scale = return_scale(returns)
+        advantage = (returns - values[:, :-1]) / scale
+    value_loss = two_hot.loss(value_logits[:, :-1], returns) + two_hot.loss(
+        value_logits[:, :-1], slow_returns
+    )
+    policy_loss = -(log_prob * advantage).mean()
+    total = policy_loss + value_loss - cfg.entropy * entropy
+    metrics = {
+        "ac/total": total,
+        "ac/policy": policy_loss,
+        "ac/value": value_loss,
+        "ac/entropy": entropy,
+        "ac/return_mean": returns.mean(),
+        "ac/scale": torch.as_tensor(scale).float().mean(),
+        "ac/advantage_mean": advantage.mean(),
+    }
+    return total, {name: value.detach() for name, value in metrics.items()}
+
+
+def _critic(cfg: AgentConfig, state_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        mlp_trunk(state_dim, cfg.hidden, cfg.layers), nn.Linear(cfg.hidden, cfg.value_bins)
+    )
+
+
+class MultiTaskActorCritic(nn.Module):
+    """MoW's agent (SPEC §1.7): one shared actor, one critic (+ slow copy) per cluster.
+
+    The actor has no cluster index: it sees every task's states and acts over the full
+    action set, with each task's illegal actions masked out (their probability is exactly
+    0, so they are never sampled and carry no gradient). Critic i serves the tasks of
+    cluster i, like the VAEs and heads. Return normalisation is per task (decision; SPEC
+    leaves it open): Atari returns differ by orders of magnitude between games, so one
+    global percentile range would shrink the advantages of every low-return game.
+    """
+
+    action_masks: torch.Tensor
+    cluster_of_task: torch.Tensor
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        state_dim: int,
+        num_actions: int,
+        action_masks: torch.Tensor,
+        num_clusters: int,
+    ) -> None:
+        super().__init__()
+        masks = torch.as_tensor(action_masks, dtype=torch.bool, device="cpu")  # validated on the host
+        if masks.dim() != 2 or masks.shape[1] != num_actions or not masks.any(1).all():
+            raise ValueError(
+                f"action_masks must be [num_tasks, {num_actions}] with a legal action per task, "
+                f"got shape {tuple(masks.shape)}"
+            )
+        self.cfg, self.state_dim, self.num_actions = cfg, state_dim, num_actions
+        self.num_tasks, self.num_clusters = masks.shape[0], num_clusters
+        self.actor = nn.Sequential(
+            mlp_trunk(state_dim, cfg.hidden, cfg.layers), nn.Linear(cfg.hidden, num_actions)
+        )
+        self.critics = nn.ModuleList(_critic(cfg, state_dim) for _ in range(num_clusters))
+        self.slow_critics = copy.deepcopy(self.critics).requires_grad_(False)
+        self.two_hot = TwoHot(cfg.value_bins)
+        self.normalizers = nn.ModuleList(
+            PercentileNormalizer(cfg.percentile_decay, cfg.percentile_low, cfg.percentile_high)
+            for _ in range(self.num_tasks)
+        )
+        self.register_buffer("action_masks", masks)
+        self.register_buffer(
+            "cluster_of_task", torch.arange(self.num_tasks, dtype=torch.long) % num_clusters
+        )
+
+    def set_clusters(self, assignment) -> None:
+        values = torch.as_tensor(assignment, dtype=torch.long)
+        if values.shape != (self.num_tasks,) or values.min() < 0 or values.max() >= self.num_clusters:
+            raise ValueError(
+                f"cluster assignment must be {self.num_tasks} values in [0, {self.num_clusters}), "
+                f"got {values.tolist()}"
+            )
+        self.cluster_of_task.copy_(values)
+
+    def policy(self, states: torch.Tensor, task_ids: torch.Tensor) -> Categorical:
+        """Masked policy for states ``[B, ..., state_dim]`` of tasks ``task_ids`` ``[B]``."""
+        mask = self.action_masks[task_ids]
+        mask = mask.view(mask.shape[0], *([1] * (states.dim() - 2)), mask.shape[1])
+        logits = mask_logits(self.actor(states).float(), mask)
+        return Categorical(logits=logits, validate_args=False)
+
+    @torch.no_grad()
+    def act(self, state: torch.Tensor, task_ids: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        dist = self.policy(state, task_ids)
+        return dist.logits.argmax(dim=-1) if greedy else dist.sample()
+
+    def _by_cluster(self, modules: nn.ModuleList, states: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        clusters = self.cluster_of_task[task_ids]
+        out = states.new_empty(*states.shape[:-1], self.cfg.value_bins)
+        for cluster in torch.unique(clusters).tolist():
+            rows = (clusters == cluster).nonzero().squeeze(1)
+            out[rows] = modules[cluster](states[rows]).to(out.dtype)
+        return out
+
+    def compute_loss(
+        self, imag: Imagination, task_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The STORM loss with cluster critics, the shared masked actor and per-task scales."""
+        states = imag.states.float()
+        with torch.no_grad():
+            slow_logits = self._by_cluster(self.slow_critics, states, task_ids)
+
+        def per_task_scale(returns: torch.Tensor) -> torch.Tensor:
+            scale = returns.new_ones(returns.shape[0], 1)
+            for task in torch.unique(task_ids).tolist():
+                rows = (task_ids == task).nonzero().squeeze(1)
+                scale[rows] = self.normalizers[task].update(returns[rows])
+            return scale
+
+        return imagination_loss(
+            self.cfg, self.two_hot, self.policy(states[:, :-1], task_ids),
+            self._by_cluster(self.critics, states, task_ids), slow_logits, imag, per_task_scale,
+        )
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        for slow, fast in zip(self.slow_critics.parameters(), self.critics.parameters()):
             slow.lerp_(fast, 1.0 - self.cfg.slow_critic_decay)

@@ -80,6 +80,11 @@ class MoWConfig:
     """Weight of the expert balance loss in the total."""
     sigma_init: float = 1.0
     """Initial σ_k of the harmonious weighting (stored as log σ_k)."""
+    use_experts: bool = True
+    """False: ablation ``no_experts`` / ``vanilla_multitask``: one token mixer feeds the
+    shared Transformer directly (no router, no expert Transformers)."""
+    use_shared: bool = True
+    """False: ablation ``no_shared``: the projected expert outputs are h (no shared Transformer)."""
 
     def __post_init__(self) -> None:
         for name in ("num_tasks", "num_clusters", "num_experts", "top_k", "task_embed_dim"):
@@ -89,6 +94,8 @@ class MoWConfig:
             raise ValueError(f"top_k {self.top_k} > num_experts {self.num_experts}")
         if self.sigma_init <= 0:
             raise ValueError(f"sigma_init must be > 0, got {self.sigma_init}")
+        if not (self.use_experts or self.use_shared):
+            raise ValueError("use_experts and use_shared cannot both be false (no sequence model left)")
 
     @property
     def state_dim(self) -> int:
@@ -139,7 +146,7 @@ class MoWCache:
     """KV caches of the experts in use (keyed by expert index) and of the shared Transformer."""
 
     experts: dict[int, KVCache]
-    shared: KVCache
+    shared: KVCache | None
 
 
 # (expert index, batch rows, slot of the expert in each row's J_k, router weight per row)
@@ -180,15 +187,33 @@ class MoWWorldModel(nn.Module):
             )
             for _ in range(cfg.num_clusters)
         )
-        self.experts = nn.ModuleList(Expert(cfg, num_actions) for _ in range(cfg.num_experts))
-        self.shared_input = nn.Linear(cfg.top_k * cfg.expert_d_model + e, cfg.shared_d_model)
-        self.shared = CausalTransformer(
-            cfg.shared_d_model,
-            cfg.shared_layers,
-            cfg.shared_heads,
-            cfg.shared_ffn,
-            cfg.shared_dropout,
-            w.max_len,
+        # Ablations drop a block entirely (None), so parameter counts and checkpoints show it.
+        self.experts = (
+            nn.ModuleList(Expert(cfg, num_actions) for _ in range(cfg.num_experts))
+            if cfg.use_experts
+            else None
+        )
+        self.input_mixer = (
+            None
+            if cfg.use_experts
+            else TokenMixer(w.latent_dim, num_actions, cfg.shared_d_model, e)
+        )
+        self.shared_input = (
+            nn.Linear(cfg.top_k * cfg.expert_d_model + e, cfg.shared_d_model)
+            if cfg.use_experts
+            else None
+        )
+        self.shared = (
+            CausalTransformer(
+                cfg.shared_d_model,
+                cfg.shared_layers,
+                cfg.shared_heads,
+                cfg.shared_ffn,
+                cfg.shared_dropout,
+                w.max_len,
+            )
+            if cfg.use_shared
+            else None
         )
         self.heads = nn.ModuleList(ClusterHeads(cfg) for _ in range(cfg.num_clusters))
         self.task_head = nn.Sequential(
@@ -237,6 +262,8 @@ class MoWWorldModel(nn.Module):
         ]
 
     def _expert_routes(self, task_ids: torch.Tensor, routing: Routing) -> list[ExpertRoute]:
+        if self.experts is None:
+            return []
         indices, weights = routing.indices[task_ids], routing.weights[task_ids]
         routes = []
         for expert in torch.unique(indices).tolist():
@@ -247,9 +274,13 @@ class MoWWorldModel(nn.Module):
     def new_cache(self, task_ids: torch.Tensor) -> MoWCache:
         """Empty KV caches for the experts that the tasks in ``task_ids`` select."""
         routes = self._expert_routes(task_ids, self.routing())
+        return self._new_cache(routes)
+
+    def _new_cache(self, routes: list[ExpertRoute]) -> MoWCache:
+        assert self.experts is not None or not routes
         return MoWCache(
-            {j: self.experts[j].transformer.new_cache() for j, *_ in routes},
-            self.shared.new_cache(),
+            {j: self.experts[j].transformer.new_cache() for j, *_ in routes},  # type: ignore[index]
+            self.shared.new_cache() if self.shared is not None else None,
         )
 
     # ------------------------------------------------------------------ sequence model
@@ -261,17 +292,24 @@ class MoWWorldModel(nn.Module):
         routes: list[ExpertRoute],
         cache: MoWCache | None = None,
     ) -> torch.Tensor:
-        batch, steps = actions.shape
-        top_k, width = self.cfg.top_k, self.cfg.expert_d_model
-        parts, positions = [], []
-        for expert, rows, slots, weights in routes:
-            expert_cache = cache.experts[expert] if cache is not None else None
-            out = self.experts[expert](z[rows], actions[rows], embedding[rows], expert_cache)
-            parts.append(out * weights.to(out.dtype)[:, None, None])
-            positions.append(rows * top_k + slots)
-        features = _assemble(parts, positions).view(batch, top_k, steps, width)
-        features = features.transpose(1, 2).reshape(batch, steps, top_k * width)
-        tokens = self.shared_input(concat_condition(features, embedding))
+        if self.experts is None:
+            assert self.input_mixer is not None
+            tokens = self.input_mixer(z, actions, embedding)
+        else:
+            assert self.shared_input is not None
+            batch, steps = actions.shape
+            top_k, width = self.cfg.top_k, self.cfg.expert_d_model
+            parts, positions = [], []
+            for expert, rows, slots, weights in routes:
+                expert_cache = cache.experts[expert] if cache is not None else None
+                out = self.experts[expert](z[rows], actions[rows], embedding[rows], expert_cache)
+                parts.append(out * weights.to(out.dtype)[:, None, None])
+                positions.append(rows * top_k + slots)
+            features = _assemble(parts, positions).view(batch, top_k, steps, width)
+            features = features.transpose(1, 2).reshape(batch, steps, top_k * width)
+            tokens = self.shared_input(concat_condition(features, embedding))
+        if self.shared is None:
+            return tokens
         return self.shared(tokens, cache.shared if cache is not None else None)
 
     def hidden_states(
@@ -392,7 +430,9 @@ class MoWWorldModel(nn.Module):
 
         present = torch.unique(task_ids)
         harmonious = harmonious_loss(task_total[present], self.log_sigma[present])
-        balance = balance_loss(routing.dense, cfg.top_k)
+        balance = (
+            balance_loss(routing.dense, cfg.top_k) if self.experts is not None else harmonious.new_zeros(())
+        )
         total = harmonious + cfg.balance_coef * balance
 
         metrics: dict[str, torch.Tensor] = {
@@ -444,15 +484,18 @@ class MoWWorldModel(nn.Module):
         routes = self._expert_routes(task_ids, self.router(embeddings))
         embedding = embeddings[task_ids]
         groups = self._cluster_groups(task_ids)
-        cache = None
-        if with_cache:
-            cache = MoWCache(
-                {j: self.experts[j].transformer.new_cache() for j, *_ in routes},
-                self.shared.new_cache(),
-            )
+        cache = self._new_cache(routes) if with_cache else None
         z = self._encode_context(obs_ctx, embedding, groups)
         hidden = self._hidden(z, act_ctx, embedding, routes, cache)[:, -1]
         return hidden, embedding, routes, groups, cache
+
+    @torch.no_grad()
+    def posterior_sample(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Posterior sample of uint8 frames ``[B, H, W, C]`` through each task's cluster VAE."""
+        with eval_mode(self):
+            embedding = self.task_embedding(task_ids)
+            groups = self._cluster_groups(task_ids)
+            return self._encode_context(obs[:, None], embedding, groups)[:, 0]
 
     @torch.no_grad()
     def act_state(
@@ -528,8 +571,8 @@ def mow_parameter_breakdown(cfg: MoWConfig | None = None, num_actions: int = 18)
         model = MoWWorldModel(cfg, num_actions)
     return {
         "vaes": _count(model.vaes),
-        "experts": _count(model.experts),
-        "shared": _count(model.shared_input, model.shared),
+        "experts": _count(*(m for m in (model.experts, model.input_mixer) if m is not None)),
+        "shared": _count(*(m for m in (model.shared_input, model.shared) if m is not None)),
         "cluster_heads": _count(model.heads),
         "task_head": _count(model.task_head),
         "task_embedding": _count(model.task_embedding),

@@ -192,6 +192,12 @@ class WorldModel(nn.Module):
         return z, torch.cat([z, hidden.float()], dim=-1)
 
     @torch.no_grad()
+    def posterior_sample(self, obs: torch.Tensor) -> torch.Tensor:
+        """A posterior sample of uint8 frames ``[B, H, W, C]`` (eval mode) -> ``[B, latent]``."""
+        with eval_mode(self):
+            return self.vae.sample(self.vae.encode(obs))
+
+    @torch.no_grad()
     def act_state(self, obs_ctx: torch.Tensor, act_ctx: torch.Tensor) -> torch.Tensor:
         """Agent state for acting (SPEC §6.6), computed in eval mode.
 
