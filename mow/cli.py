@@ -194,6 +194,10 @@ def _train_mow(args, params, spec) -> int:
         dist.barrier()
     trainer = MultiTaskTrainer(spec, params, runs_root=args.runs_root, track=not args.no_track, progress=progress)
     model = trainer.run()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     if rank != 0:
         return 0
     try:

@@ -44,6 +44,7 @@ from mow.models.actor_critic import MultiTaskActorCritic
 from mow.models.mow_world_model import MoWWorldModel
 from mow.policy import Policy
 from mow.runs import RunSpec, clusters_path, pretrain_path, state_path
+from mow.runtime import seed_everything
 from mow.train import Trainer
 from mow.warmup import (action_masks, check_clusters_file, check_suite_tasks, expand_warmup_weights,
                         load_pretrained, random_legal_actions)
@@ -101,6 +102,10 @@ class MultiTaskTrainer(Trainer):
         self.task_of_env = torch.arange(self.num_tasks).repeat_interleave(self.envs_per_task)
         self.policy.task_ids = self.task_of_env.to(device)
         self.masks = self.ac.action_masks.cpu().numpy()
+        if self.rank:  # same initial weights (seeded above, broadcast later); own envs and exploration
+            seed_everything(spec.seed + 7919 * self.rank)
+            self.action_rng = np.random.default_rng(spec.seed + 7919 * self.rank)
+            self.obs = self.envs.reset(seed=spec.seed * 1000 + 7919 * self.rank)
 
     # -- construction hooks ---------------------------------------------------------------
     def _make_envs(self) -> VectorEnv:
@@ -138,7 +143,7 @@ class MultiTaskTrainer(Trainer):
     def _task_rows(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Task and replay stream of each row of this rank's share of a `size`-row batch."""
         tasks = mixed_task_rows(self.updates, size, self.num_tasks, self.rank, self.world)
-        within = torch.randint(0, self.envs_per_task, (local,), generator=self.replay.generator)
+        within = torch.randint(0, self.envs_per_task, (len(tasks),), generator=self.replay.generator)
         return tasks, tasks * self.envs_per_task + within
 
 

@@ -193,8 +193,16 @@ def test_balance_loss_enters_total():
     torch.testing.assert_close(total.detach(), expected.detach())
 
 
-def test_kv_cache_matches_full_forward():
-    model = make_model().eval()
+ABLATIONS = {
+    "full": TINY,
+    "no_experts": dataclasses.replace(TINY, use_experts=False),
+    "no_shared": dataclasses.replace(TINY, use_shared=False),
+}
+
+
+@pytest.mark.parametrize("variant", list(ABLATIONS))
+def test_kv_cache_matches_full_forward(variant):
+    model = make_model(ABLATIONS[variant]).eval()
     task_ids = torch.tensor([2, 0, 3, 2])
     g = torch.Generator().manual_seed(1)
     steps = 7
@@ -208,9 +216,29 @@ def test_kv_cache_matches_full_forward():
             model.hidden_states(z[:, t : t + 1], actions[:, t : t + 1], task_ids, cache)
             for t in range(3, steps)
         ]
-    assert cache.shared.length == steps
-    assert set(cache.experts) == set(model.routing().indices[task_ids].flatten().tolist())
+    if model.shared is not None:
+        assert cache.shared.length == steps
+    used = set(model.routing().indices[task_ids].flatten().tolist()) if model.experts is not None else set()
+    assert set(cache.experts) == used
     torch.testing.assert_close(torch.cat(stepped, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_ablation_switches_remove_their_blocks_and_still_train():
+    no_experts = make_model(ABLATIONS["no_experts"])
+    assert no_experts.experts is None and no_experts.input_mixer is not None
+    no_shared = make_model(ABLATIONS["no_shared"])
+    assert no_shared.shared is None and no_shared.experts is not None
+    for model in (no_experts, no_shared):
+        loss, metrics = model.compute_loss(*random_batch([0, 1, 2, 3], steps=5))
+        loss.backward()
+        assert torch.isfinite(loss)
+        trained = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+        assert any(n.startswith("vaes.") for n in trained) and any(n.startswith("heads.") for n in trained)
+    assert float(no_experts.compute_loss(*random_batch([0, 1], steps=3))[1]["wm/balance"]) == 0.0
+    assert mow_parameter_breakdown(ABLATIONS["no_experts"], NUM_ACTIONS)["experts"] < mow_parameter_breakdown(
+        TINY, NUM_ACTIONS)["experts"]
+    with pytest.raises(ValueError, match="cannot both be false"):
+        dataclasses.replace(TINY, use_experts=False, use_shared=False)
 
 
 def test_imagine_and_act_state_shapes():

@@ -1,0 +1,193 @@
+"""The real `mow train --method mow` entry point at tiny budgets: the warm-up chain, per-task
+evaluation and MLflow runs, kill/resume, data-parallel ranks, learning, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mow import checkpoint
+from mow.envs import SANITY_REFERENCE
+
+from conftest import run_mow
+
+SANITY_RUN = "smoke/sanity/sanity/mow/full/all/seed{seed}"
+TWO_TASKS = ["--set", "suites.sanity.tasks=[side, chase]"]
+TINY = ["--suite", "sanity", "--method", "mow", "--no-progress", "--set", "train.env_steps=240",
+        "--set", "train.warmup_steps=60", "--set", "train.checkpoint_every=40", "--set", "train.log_every=40",
+        "--set", "train.threads=1", "--set", "warmup.collect_steps=60", "--set", "warmup.pretrain_steps=5",
+        *TWO_TASKS]
+
+
+def _weights_equal(a: dict, b: dict) -> None:
+    for part in ("world_model", "actor_critic"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return checkpoint.load(path)["step"]
+    except checkpoint.CheckpointError:
+        return -1
+
+
+@pytest.mark.slow
+def test_atari_smoke_chain_writes_every_output_and_an_mlflow_child_per_task(project):
+    args = ["train", "--suite", "atari", "--method", "mow", "--seed", "1", "--no-progress",
+            "--set", "train.env_steps=300", "--set", "train.warmup_steps=100", "--set", "warmup.collect_steps=100",
+            "--set", "warmup.pretrain_steps=10", "--set", "protocols.storm_compat.eval_episodes=1",
+            "--set", "protocols.storm_compat.eval_envs=1", "--set", "protocols.storm_compat.max_frames=2000"]
+    res = run_mow(args, cwd=project)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = project / "runs/smoke/atari/storm_compat/mow/full/all/seed1"
+    for name in ("warmup/pretrain.ckpt", "warmup/clusters.json", "model.ckpt", "checkpoints/state.ckpt",
+                 "routing.json", "imagination.npz", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert (project / "runs/smoke/atari/storm_compat/warmup_data/seed1/replay.ckpt").is_file()
+    clusters = json.loads((run_dir / "warmup/clusters.json").read_text())
+    assert clusters["tasks"] == ["Pong", "Breakout"] and clusters["num_clusters"] == 2
+    for game, legal in (("Pong", 6), ("Breakout", 4)):
+        raw = json.loads((project / f"results/raw/smoke/atari/storm_compat/mow/full/{game}/seed1.json").read_text())
+        assert raw["method"] == "mow" and raw["task"] == game and len(raw["returns"]) == 1
+        assert raw["checkpoint_sha256"] == checkpoint.file_sha256(run_dir / "model.ckpt")
+    curves = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*curves)
+    for key in ("wm/rec/Pong", "wm/sigma/Breakout", "wm/task/Pong", "wm/balance", "wm/temperature", "ac/total"):
+        assert key in keys, key
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("mow-atari").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert {"mow/full", "mow/all/seed1", "mow/Pong/seed1", "mow/Breakout/seed1"} <= set(by_name)
+    joint = by_name["mow/all/seed1"]
+    assert joint.data.tags["mlflow.parentRunId"] == by_name["mow/full"].info.run_id
+    for game in ("Pong", "Breakout"):
+        child = by_name[f"mow/{game}/seed1"]
+        assert child.data.tags["mlflow.parentRunId"] == joint.info.run_id
+        assert "eval/mean_return" in child.data.metrics and child.info.status == "FINISHED"
+
+    # rerun: nothing is retrained or re-evaluated
+    res = run_mow(args, cwd=project)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "at env step 300" in res.stdout and res.stdout.count("already evaluated") == 2
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_rerun_ends_with_identical_weights(project):
+    args = ["train", "--seed", "2", "--no-eval", "--no-track", *TINY]
+    res = run_mow(args + ["--runs-root", "straight"], cwd=project)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    state = project / "killed" / SANITY_RUN.format(seed=2) / "checkpoints/state.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "mow", *args, "--runs-root", "killed"], cwd=project,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and _step_of(state) >= 120:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the run finished before it could be killed; raise env_steps"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _step_of(state)
+    assert 120 <= killed_at < 240
+
+    res = run_mow(args + ["--runs-root", "killed"], cwd=project)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"at env step {killed_at}" in res.stdout
+    _weights_equal(checkpoint.load(project / "straight" / SANITY_RUN.format(seed=2) / "model.ckpt"),
+                   checkpoint.load(project / "killed" / SANITY_RUN.format(seed=2) / "model.ckpt"))
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_end_with_identical_weights(project):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mow",
+           "train", "--seed", "3", "--no-eval", "--no-track", *TINY, "--set", "train.wm_batch=8",
+           "--set", "train.imag_batch=64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    run_dir = project / "runs" / SANITY_RUN.format(seed=3)
+    rank0, rank1 = checkpoint.load(run_dir / "checkpoints/state.ckpt"), checkpoint.load(
+        run_dir / "checkpoints/state.rank1.ckpt")
+    assert rank0["step"] == rank1["step"] == 120  # each rank stepped half of the 240 steps per task
+    assert rank0["updates"] == rank1["updates"] > 0
+    _weights_equal(rank0, rank1)
+    # the ranks collected different experience (distinct env seeds)
+    assert not torch.equal(rank0["replay"]["actions"], rank1["replay"]["actions"])
+    assert (run_dir / "model.ckpt").is_file()
+
+
+# Three tasks with different dynamics (a lit half, a moving block, a colour cue). The agent
+# acts on the current frame's posterior (the cues are i.i.d. per step, so STORM's prior
+# acting cannot see them); a higher learning rate than STORM's fits the tiny budget.
+LEARN = ["train", "--suite", "sanity", "--method", "mow", "--seed", "1", "--no-progress", "--no-track",
+         "--set", "suites.sanity.tasks=[side, chase, color]", "--set", "train.env_steps=1200",
+         "--set", "train.warmup_steps=200", "--set", "train.update_ratio=0.34", "--set", "train.act_latent=posterior",
+         "--set", "train.wm_lr=1.0e-3", "--set", "train.ac_lr=3.0e-4", "--set", "train.threads=2",
+         "--set", "warmup.pretrain_steps=100", "--set", "protocols.sanity.eval_episodes=20"]
+
+
+@pytest.mark.slow
+def test_one_mow_agent_beats_random_on_every_sanity_task(project):
+    started = time.perf_counter()
+    res = run_mow(LEARN, cwd=project, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scores = {}
+    for task in ("side", "chase", "color"):
+        raw = json.loads((project / f"results/raw/smoke/sanity/sanity/mow/full/{task}/seed1.json").read_text())
+        scores[task] = raw["mean_return"]
+    print(f"MoW sanity eval means: {scores} in {time.perf_counter() - started:.0f} s")
+    for task, score in scores.items():
+        random_return, optimal_return = SANITY_REFERENCE[task]
+        assert score > random_return + 0.25 * (optimal_return - random_return), (task, score)
+    clusters = json.loads((project / "runs" / SANITY_RUN.format(seed=1) / "warmup/clusters.json").read_text())
+    labels = dict(zip(clusters["tasks"], clusters["assignment"]))
+    # the lit-half task and the moving-block task have different dynamics: different VAEs
+    assert labels["side"] != labels["chase"]
+
+
+def _nothing_written(project: Path) -> None:
+    assert not (project / "runs").exists() or not any(p.is_file() for p in (project / "runs").rglob("*.ckpt"))
+    assert not (project / "results").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--set", "suites.sanity.tasks=[side, side]"], "suites.sanity.tasks"),
+    (["--set", "model.mow.top_k=4"], "model.mow.top_k: 4 exceeds model.mow.num_experts 3"),
+    (["--set", "suites.sanity.tasks=[side]"], "model.mow.num_clusters: 2 clusters for 1 tasks"),
+    (["--task", "side"], "--task: mow trains every task"),
+    (["--variant", "bogus"], "variant: unknown variant 'bogus'"),
+])
+def test_bad_mow_input_is_one_line_and_writes_nothing(project, extra, message):
+    res = run_mow(["train", "--suite", "sanity", "--method", "mow", "--no-track", *extra], cwd=project)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mow: error:") and message in lines[0], res.stderr
+    _nothing_written(project)
+
+
+def test_a_clusters_file_for_other_tasks_is_refused_before_anything_is_written(project):
+    run_dir = project / "runs" / SANITY_RUN.format(seed=1)
+    (run_dir / "warmup").mkdir(parents=True)
+    doc = {"tasks": ["side", "chase"], "assignment": [0, 1], "num_clusters": 2,
+           "similarity": [[1.0, 0.0], [0.0, 1.0]], "seed": 1, "method": "test"}
+    (run_dir / "warmup/clusters.json").write_text(json.dumps(doc))
+    res = run_mow(["train", "--suite", "sanity", "--method", "mow", "--no-track"], cwd=project)
+    assert res.returncode == 2
+    line = res.stderr.strip().splitlines()
+    assert len(line) == 1 and "clusters.json" in line[0] and "side" in line[0], res.stderr
+    _nothing_written(project)
