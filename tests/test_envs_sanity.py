@@ -150,7 +150,7 @@ def test_unknown_task_and_suite_are_one_line_value_errors():
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="'sidee'"):
         legal_action_mask("sanity", "sidee", full_action_space=False)
-    with pytest.raises(ValueError, match="'metaworld'.*atari, sanity"):
-        make_env("metaworld", "reach-v3", PROTOCOL, seed=0, train=True)
-    with pytest.raises(ValueError, match="'metaworld'"):
-        legal_action_mask("metaworld", "reach-v3", full_action_space=True)
+    with pytest.raises(ValueError, match="'procgen'.*atari, sanity, metaworld"):
+        make_env("procgen", "coinrun", PROTOCOL, seed=0, train=True)
+    with pytest.raises(ValueError, match="'procgen'"):
+        legal_action_mask("procgen", "coinrun", full_action_space=True)

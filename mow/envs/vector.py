@@ -5,7 +5,9 @@ keeps every env's state in this process, which makes exact checkpointing simple.
 
 Episode accounting adds a step's reward to the running return *before* checking whether
 the episode ended, so a finished episode's return includes its final reward (STORM's
-official logger drops it, SPEC 3.1 / issue #16).
+official logger drops it, SPEC 3.1 / issue #16). Envs that report `info["success"]`
+(Meta-World) get it per step and, per finished episode, whether it was set at any step.
+Discrete actions are passed to the envs as ints, continuous (Box) ones as arrays.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import gymnasium
 import numpy as np
+from gymnasium import spaces
 
 
 @dataclass
@@ -27,6 +30,10 @@ class VectorStep:
     truncated: np.ndarray  # [N] bool
     life_loss: np.ndarray  # [N] bool
     finished: list[tuple[int, float, int]]  # (env index, return incl. final reward, length)
+    # info["success"] of this step (False where an env reports none), and for each entry
+    # of `finished` whether the episode's success flag was set at any step.
+    success: np.ndarray | None = None  # [N] bool
+    finished_success: list[bool] | None = None
 
 
 class VectorEnv:
@@ -46,15 +53,18 @@ class VectorEnv:
         self.num_envs = len(self.envs)
         self.single_observation_space = self.envs[0].observation_space
         self.single_action_space = self.envs[0].action_space
+        self._discrete = isinstance(self.single_action_space, spaces.Discrete)
         self.obs = np.zeros((self.num_envs, *self.single_observation_space.shape), np.uint8)
         self._returns = [0.0] * self.num_envs
         self._lengths = [0] * self.num_envs
+        self._successes = [False] * self.num_envs
 
     def reset(self, seed: int) -> np.ndarray:
         for i, env in enumerate(self.envs):
             self.obs[i], _ = env.reset(seed=seed + i)
         self._returns = [0.0] * self.num_envs
         self._lengths = [0] * self.num_envs
+        self._successes = [False] * self.num_envs
         return self.obs.copy()
 
     def step(self, actions: np.ndarray) -> VectorStep:
@@ -63,19 +73,26 @@ class VectorEnv:
         terminated = np.zeros(n, bool)
         truncated = np.zeros(n, bool)
         life_loss = np.zeros(n, bool)
-        finished = []
+        success = np.zeros(n, bool)
+        finished, finished_success = [], []
         for i, (env, action) in enumerate(zip(self.envs, actions, strict=True)):
-            obs, r, term, trunc, info = env.step(int(action))
+            obs, r, term, trunc, info = env.step(int(action) if self._discrete else action)
             reward[i], terminated[i], truncated[i] = r, term, trunc
             life_loss[i] = info["life_loss"]
+            success[i] = info.get("success", False)
             self._returns[i] += r
             self._lengths[i] += 1
+            self._successes[i] = self._successes[i] or bool(success[i])
             if term or trunc:
                 finished.append((i, self._returns[i], self._lengths[i]))
-                self._returns[i], self._lengths[i] = 0.0, 0
+                finished_success.append(self._successes[i])
+                self._returns[i], self._lengths[i], self._successes[i] = 0.0, 0, False
                 obs, _ = env.reset()
             self.obs[i] = obs
-        return VectorStep(self.obs.copy(), reward, terminated, truncated, life_loss, finished)
+        return VectorStep(
+            self.obs.copy(), reward, terminated, truncated, life_loss, finished,
+            success, finished_success,
+        )
 
     def get_state(self) -> dict:
         """All envs, the current observations and the running episode returns/lengths."""
@@ -84,6 +101,7 @@ class VectorEnv:
             "obs": self.obs.copy(),
             "returns": list(self._returns),
             "lengths": list(self._lengths),
+            "successes": list(self._successes),
         }
 
     def set_state(self, state: dict) -> None:
@@ -96,6 +114,8 @@ class VectorEnv:
         self.obs[:] = state["obs"]
         self._returns = [float(r) for r in state["returns"]]
         self._lengths = [int(n) for n in state["lengths"]]
+        # States saved before success tracking existed hold no flags: none was set.
+        self._successes = [bool(s) for s in state.get("successes", [False] * self.num_envs)]
 
     def close(self) -> None:
         for env in self.envs:
