@@ -16,6 +16,7 @@ and nothing written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -200,7 +201,7 @@ def _train_mow(args, params, spec) -> int:
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    try:
+    with _closing_run(trainer.tracker):
         if not args.no_eval:
             import dataclasses
 
@@ -212,17 +213,27 @@ def _train_mow(args, params, spec) -> int:
                     print(f"mow/{task}/seed{spec.seed}: already evaluated -> {out}")
                     continue
                 record = evaluate(model, out_path=out, task=task, loaded=loaded)
-                trainer.tracker.log_task_result(task, {"eval/mean_return": record["mean_return"],
-                                                       "eval/std_return": record["std_return"],
-                                                       "eval/episodes": len(record["returns"])}, trainer.step, out)
+                trainer.tracker.log_task_result(task, _eval_metrics(record), trainer.step, out)
                 print(f"mow/{task}/seed{spec.seed}: mean return {record['mean_return']:.2f} over "
                       f"{len(record['returns'])} episodes -> {out}")
         trainer.tracker.set_tags({"mow.checkpoint_sha256": file_sha256(model)})
-    except BaseException:
-        trainer.tracker.finish("FAILED")
-        raise
-    trainer.tracker.finish("FINISHED")
     return 0
+
+
+@contextlib.contextmanager
+def _closing_run(tracker):
+    """End the MLflow run as FINISHED, or FAILED when the block raises (then re-raise)."""
+    try:
+        yield
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+
+
+def _eval_metrics(record: dict) -> dict[str, float]:
+    return {"eval/mean_return": record["mean_return"], "eval/std_return": record["std_return"],
+            "eval/episodes": len(record["returns"])}
 
 
 def cmd_train(args) -> int:
@@ -237,21 +248,16 @@ def cmd_train(args) -> int:
         return _train_mow(args, params, spec)
     trainer = Trainer(spec, params, runs_root=args.runs_root, track=not args.no_track, progress=not args.no_progress)
     model = trainer.run()
-    try:
+    with _closing_run(trainer.tracker):
         out = spec.raw_result(args.results_root)
         if not args.no_eval and _evaluated(out, model):
             print(f"{spec.name}: already evaluated -> {out}")
         elif not args.no_eval:
             record = evaluate(model, out_path=out)
-            trainer.tracker.log({"eval/mean_return": record["mean_return"], "eval/std_return": record["std_return"],
-                                 "eval/episodes": len(record["returns"])}, trainer.step)
+            trainer.tracker.log(_eval_metrics(record), trainer.step)
             trainer.tracker.log_artifact(out, "eval")
             print(f"{spec.name}: mean return {record['mean_return']:.2f} over {len(record['returns'])} episodes -> {out}")
         trainer.tracker.set_tags({"mow.checkpoint_sha256": file_sha256(model)})
-    except BaseException:
-        trainer.tracker.finish("FAILED")
-        raise
-    trainer.tracker.finish("FINISHED")
     return 0
 
 

@@ -83,6 +83,14 @@ def test_atari_smoke_chain_writes_every_output_and_an_mlflow_child_per_task(proj
     assert res.returncode == 0, res.stderr[-3000:]
     assert "at env step 300" in res.stdout and res.stdout.count("already evaluated") == 2
 
+    # `mow evaluate --method mow` re-evaluates every task of the joint model
+    raw = project / "results/raw/smoke/atari/storm_compat/mow/full/Breakout/seed1.json"
+    before = raw.stat().st_mtime_ns
+    res = run_mow(["evaluate", "--method", "mow", "--seed", "1", "--episodes", "1"], cwd=project)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Pong: mean return" in res.stdout and "Breakout: mean return" in res.stdout
+    assert raw.stat().st_mtime_ns != before
+
 
 @pytest.mark.slow
 def test_sigkill_midway_then_rerun_ends_with_identical_weights(project):
