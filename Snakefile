@@ -1,6 +1,8 @@
 # The MoW / STORM reproduction pipeline. Rules live in workflow/rules/, logic in `mow`.
 #   snakemake --cores all                         # everything at the scale in params.yaml
+#   snakemake --cores all results/atari_table.csv # one target (any file the report writes)
 #   snakemake --cores all --config scale=paper    # the published configuration
+#   snakemake --cores all --config ablations=all  # smoke: also every MoW ablation variant
 import sys
 
 from snakemake.utils import validate
@@ -8,6 +10,9 @@ from snakemake.utils import validate
 from mow.config import resolve
 
 configfile: "params.yaml"
+# `ablations` selects extra MoW variants at the smoke scale (common.smk); it is an option of
+# the pipeline, not a parameter, so it leaves the config before params.yaml is validated.
+ABLATIONS = config.pop("ablations", None)
 validate(config, "workflow/schemas/params.schema.yaml")
 
 P = resolve(dict(config), scale=config["scale"])   # preset applied, cross-key rules checked
@@ -16,8 +21,31 @@ MOW = f"{sys.executable} -m mow"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/storm.smk"
+include: "workflow/rules/mow.smk"
+include: "workflow/rules/report.smk"
+
+localrules: all, storm_all, mow_all
+
 
 rule all:
     default_target: True
     input:
+        report_outputs(),
+        storm_results(),   # STORM on every Atari protocol (the report reads the default one)
+
+
+rule storm_all:   # every STORM baseline (dvc.yaml stage storm_baselines)
+    input:
         storm_results(),
+
+
+rule mow_all:     # every MoW run of the variants this scale runs (dvc.yaml stage mow)
+    input:
+        mow_results(),
+
+
+# Create the MLflow store, experiment and parent runs once, before jobs run in parallel
+# (mow/tracking_init.py). Not run by dry runs or when there is nothing to do.
+onstart:
+    parents = " ".join(f"--parent {p}" for p in ["storm/full", *(f"mow/{v}" for v in mow_variants())])
+    shell(f"{sys.executable} -m mow.tracking_init --suite atari --scale {SCALE} {parents}")

@@ -1,50 +1,242 @@
-"""The Snakemake pipeline, run for real in a copy of the project at a reduced smoke budget."""
+"""The Snakemake pipeline, run for real in a copy of the project at a reduced smoke budget,
+plus fast checks of the DAG it plans at the paper scale, the lint and the DVC stages."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from conftest import REPO
 
-COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "runs", "raw", ".snakemake", "mlflow.db", "mlartifacts",
-                                     "logs", "__pycache__", ".pytest_cache", "bench")
+_IGNORE = shutil.ignore_patterns(".venv", ".git", "runs", ".snakemake", "mlflow.db", "mlartifacts", "logs",
+                                 "__pycache__", ".pytest_cache", "bench", "report.html", "dvc.lock")
+_RESULTS = shutil.ignore_patterns("raw", "figures", "*.csv", "*.json", "REPORT.md")  # what the pipeline writes
+
+
+def COPY_IGNORE(folder: str, names: list[str]) -> set[str]:
+    ignored = set(_IGNORE(folder, names))
+    if Path(folder).resolve() == (REPO / "results").resolve():
+        ignored |= set(_RESULTS(folder, names))
+    return ignored
+GAMES = ("Pong", "Breakout")                          # the smoke scale's Atari games
+PROTOCOLS = ("storm_compat", "atari100k_standard")    # STORM runs both; MoW the default one
+DAG_RULES = {"collect", "pretrain", "cluster", "train_mow", "train_storm", "report", "all"}
+BIN = Path(sys.executable).parent
 
 
 def make_copy(tmp_path: Path) -> Path:
+    """The project without its outputs, at the smallest smoke budget that still runs every step."""
     work = tmp_path / "project"
     shutil.copytree(REPO, work, ignore=COPY_IGNORE)
     params = yaml.safe_load((work / "params.yaml").read_text())
     smoke = params["scales"]["smoke"]
-    smoke["train"].update(env_steps=300, warmup_steps=100, checkpoint_every=100, log_every=100)
-    for name in ("storm_compat", "atari100k_standard"):
-        smoke["protocols"][name].update(eval_episodes=1, eval_envs=1, max_frames=2000)
+    smoke["train"].update(env_steps=300, warmup_steps=200, checkpoint_every=100, log_every=100)
+    for name in PROTOCOLS:
+        smoke["protocols"][name].update(eval_episodes=1, eval_envs=1, max_frames=1000)
+    smoke["warmup"].update(collect_steps=100, pretrain_steps=5, cluster_batches=1)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work
 
 
-def snakemake(work: Path, *args: str) -> subprocess.CompletedProcess:
+def snakemake(work: Path, *args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=work, capture_output=True, text=True,
-                          timeout=1500)
+                          timeout=timeout)
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """The `Job stats:` table Snakemake prints before running (or dry-running) a DAG."""
+    block = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in block.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
 
 
 @pytest.mark.slow
 def test_smoke_dag_runs_every_rule_and_a_rerun_has_nothing_to_do(tmp_path):
     work = make_copy(tmp_path)
+    start = time.monotonic()
     res = snakemake(work, "--cores", "2")
+    print(f"smoke DAG on 2 cores: {time.monotonic() - start:.0f} s")
     assert res.returncode == 0, res.stderr[-4000:]
-    raws = sorted(work.glob("results/raw/smoke/atari/*/storm/full/*/seed*.json"))
-    expected = {(p, g) for p in ("storm_compat", "atari100k_standard") for g in ("Pong", "Breakout")}
-    assert {(r.parts[-5], r.parts[-2]) for r in raws} == expected
+    stats = job_stats(res.stderr + res.stdout)
+    assert set(stats) - {"total"} == DAG_RULES, stats  # every rule of the DAG ran ...
+    assert stats["train_storm"] == len(GAMES) * len(PROTOCOLS) and stats["train_mow"] == 1  # ... once per run
+    check_smoke_outputs(work)
+    start = time.monotonic()
+    dry = snakemake(work, "-n")
+    print(f"no-op snakemake -n: {time.monotonic() - start:.1f} s")
+    assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr
+
+    # DVC around the finished DAG: the training stages find every job done, the report
+    # stage redraws the report; a second `dvc repro` is a no-op
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the stages call `snakemake`
+    first = subprocess.run([str(BIN / "dvc"), "repro"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out[-4000:]
+    assert out.count("Nothing to be done") == 2 and "Forced execution" in out, out[-4000:]
+    start = time.monotonic()
+    second = subprocess.run([str(BIN / "dvc"), "repro"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    print(f"no-op dvc repro: {time.monotonic() - start:.1f} s")
+    assert second.returncode == 0 and "Data and pipelines are up to date" in second.stdout, second.stdout + second.stderr
+    assert "Running stage" not in second.stdout
+
+
+def check_smoke_outputs(work: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from mow.results import FIGURES, REPORT, TABLES
+    from mow.results.tables import ATARI_TABLE_COLUMNS
+
+    # raw files: STORM on both protocols, MoW (variant full) on the default protocol, each game
+    raws = sorted(work.glob("results/raw/smoke/atari/*/*/*/*/seed*.json"))
+    found = {(r.parts[-5], r.parts[-4], r.parts[-3], r.parts[-2]) for r in raws}  # protocol, method, variant, game
+    expected = {(p, "storm", "full", g) for p in PROTOCOLS for g in GAMES}
+    expected |= {("storm_compat", "mow", "full", g) for g in GAMES}
+    assert found == expected
     for raw in raws:
         record = json.loads(raw.read_text())
         assert record["protocol"] == raw.parts[-5] and len(record["returns"]) == 1
         assert record["protocol_config"]["sticky_prob"] == (0.25 if record["protocol"] == "storm_compat" else 0.0)
-    dry = snakemake(work, "-n")
-    assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr
+    for rule in ("collect", "pretrain", "cluster", "train_mow", "train_storm"):
+        assert list((work / "logs/smoke" / rule).rglob("*.log")), rule
+    assert (work / "logs/smoke/report.log").is_file()
+
+    # the report's outputs
+    results = work / "results"
+    for name in TABLES:
+        assert (results / name).is_file(), name
+    table = pd.read_csv(results / "atari_table.csv")
+    assert list(table.columns[:len(ATARI_TABLE_COLUMNS)]) == list(ATARI_TABLE_COLUMNS)
+    per_game = table[table["random"].notna()]  # below them: the aggregate rows (mean HNS, ...)
+    assert sorted(per_game["game"]) == sorted(GAMES)
+    assert (per_game["storm_repro_seeds"] == 1).all() and (per_game["mow_repro_seeds"] == 1).all()
+    assert {"mean HNS", "median HNS", "IQM HNS"} <= set(table["game"])
+    report = (results / REPORT).read_text()
+    assert "smoke" in report
+    for name in FIGURES:
+        figure = results / "figures" / name
+        assert figure.is_file() and figure.stat().st_size > 0, name
+
+    # MLflow: one experiment, one parent run per (method, variant), child runs with metrics
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("mow-atari")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = {r.data.tags["mow.parent_key"]: r for r in runs if "mow.parent_key" in r.data.tags}
+    assert sorted(r.data.tags.get("mow.parent_key") for r in runs if "mow.parent_key" in r.data.tags) == \
+        ["mow/full/smoke", "storm/full/smoke"]  # created once, before the parallel jobs
+    children = {}
+    for r in runs:
+        children.setdefault(r.data.tags.get("mlflow.parentRunId"), []).append(r)
+    storm_runs = children[parents["storm/full/smoke"].info.run_id]
+    assert sorted((r.data.tags["mow.protocol"], r.info.run_name) for r in storm_runs) == \
+        sorted((p, f"storm/{g}/seed1") for p in PROTOCOLS for g in GAMES)
+    (mow_run,) = children[parents["mow/full/smoke"].info.run_id]
+    assert mow_run.info.run_name == "mow/all/seed1"
+    assert sorted(r.info.run_name for r in children[mow_run.info.run_id]) == sorted(f"mow/{g}/seed1" for g in GAMES)
+    for r in [*storm_runs, mow_run, *children[mow_run.info.run_id]]:
+        assert r.info.status == "FINISHED", r.info.run_name
+    for r in [*storm_runs, *children[mow_run.info.run_id]]:  # MoW evaluates per game, in nested runs
+        assert any(k.startswith("eval/") for k in r.data.metrics), r.info.run_name
+    for r in [*storm_runs, mow_run]:
+        assert len(r.data.metrics) > 3, r.info.run_name  # training metrics besides the evaluation
+
+
+def test_paper_scale_dry_run_plans_every_job(tmp_path):
+    work = make_copy(tmp_path)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    paper = params  # the paper preset is empty: the top-level values are the paper configuration
+    games, seeds, variants = paper["suites"]["atari"]["tasks"], paper["seeds"], paper["variants"]
+    res = snakemake(work, "-n", "--cores", "1", "--config", "scale=paper", timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    stats = job_stats(res.stdout + res.stderr)
+    protocols = [n for n, p in params["protocols"].items() if p["suite"] == "atari"]
+    assert stats == {
+        "train_storm": len(games) * len(seeds) * len(protocols),     # 26 x 5 x 2
+        "collect": len(seeds),                                       # shared by every variant
+        "pretrain": len(variants) * len(seeds),
+        "cluster": len(variants) * len(seeds),
+        "train_mow": len(variants) * len(seeds),
+        "report": 1, "all": 1,
+        "total": len(games) * len(seeds) * len(protocols) + len(seeds) + 3 * len(variants) * len(seeds) + 2,
+    }
+    assert not (work / "runs").exists() and not (work / "results" / "raw").exists()  # nothing ran
+
+
+def test_smoke_ablations_option_adds_variants_and_rejects_unknown_ones(tmp_path):
+    work = make_copy(tmp_path)
+    res = snakemake(work, "-n", "--cores", "1", "results/atari_table.csv",  # targets before --config
+                    "--config", "ablations=[no_experts,single_vae]", timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    stats = job_stats(res.stdout + res.stderr)
+    assert stats["train_mow"] == 3 and stats["collect"] == 1 and stats["report"] == 1
+    assert "all" not in stats  # a named target runs only what it needs
+    bad = snakemake(work, "-n", "--config", "ablations=[no_such_variant]", timeout=300)
+    assert bad.returncode != 0 and "no_such_variant" in bad.stdout + bad.stderr
+
+
+def test_lint_reports_only_the_two_deliberate_warnings(tmp_path):
+    work = make_copy(tmp_path)
+    res = snakemake(work, "--lint", timeout=300)
+    text = res.stdout + res.stderr
+    rules = re.findall(r"^Lints for rule (\w+)", text, flags=re.M)
+    assert set(rules) <= DAG_RULES, text[-3000:]
+    assert "Lints for snakefile" not in text, text[-3000:]
+    warnings = set(re.findall(r"^\s+\* (.+?):?$", text, flags=re.M))
+    assert warnings <= {"Specify a conda environment or container for each rule.",
+                        "Shell command directly uses variable MOW from outside of the rule"}, warnings
+
+
+def test_dvc_stages_parse_and_mirror_the_dag(tmp_path):
+    work = make_copy(tmp_path)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    dvc = [str(BIN / "dvc")]
+    listed = subprocess.run([*dvc, "stage", "list"], cwd=work, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines() if line.strip()] == ["storm_baselines", "mow", "report"]
+    dag = subprocess.run([*dvc, "dag", "--md"], cwd=work, capture_output=True, text=True, timeout=120)
+    assert dag.returncode == 0, dag.stderr
+    names = dict(re.findall(r'(\w+)\["(\w+)"\]', dag.stdout))  # mermaid: node1["mow"], node1-->node2
+    edges = {(names[a], names[b]) for a, b in re.findall(r"(\w+)-->(\w+)", dag.stdout)}
+    assert edges == {("storm_baselines", "report"), ("mow", "report")}, dag.stdout
+    # `--dry` of the whole pipeline stops at the report stage (DVC checks its inputs, which
+    # only the earlier stages create); the first stages print their Snakemake commands.
+    dry = subprocess.run([*dvc, "repro", "--dry", "storm_baselines", "mow"], cwd=work, capture_output=True,
+                         text=True, timeout=120)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "snakemake storm_all --cores all" in dry.stdout and "storm_all" in dry.stdout and "mow_all" in dry.stdout
+
+
+def test_tracking_init_creates_the_experiment_and_parents_once(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from mow.tracking import tracking_uri
+    from mow.tracking_init import init_tracking, main
+
+    monkeypatch.chdir(tmp_path)
+    parents = [("storm", "full"), ("mow", "full"), ("mow", "no_experts")]
+    first = init_tracking("atari", "smoke", parents)
+    assert main(["--suite", "atari", "--scale", "smoke", *(f"--parent={m}/{v}" for m, v in parents)]) == 0
+    assert init_tracking("atari", "smoke", parents) == first  # idempotent: found, not created again
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name("mow-atari")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["mow.parent_key"] for r in runs) == ["mow/full/smoke", "mow/no_experts/smoke",
+                                                                   "storm/full/smoke"]
+    assert {r.info.run_name for r in runs} == {"storm/full", "mow/full", "mow/no_experts"}

@@ -1,4 +1,12 @@
-# Shared helpers: the run grid the params define, and the raw-result paths (mow/runs.py).
+# Shared helpers: the run grid the params define, the raw-result paths (mow/runs.py), the
+# MoW variants each scale runs, and the per-scale job resources.
+
+# Wildcards are single path components: a protocol, variant or game never spans a "/".
+wildcard_constraints:
+    protocol=r"[A-Za-z0-9_]+",
+    variant=r"[A-Za-z0-9_]+",
+    game=r"[A-Za-z0-9_]+",
+    seed=r"\d+",
 
 
 def atari_protocols():
@@ -9,15 +17,73 @@ def raw_result(suite, protocol, method, variant, task, seed):
     return f"results/raw/{SCALE}/{suite}/{protocol}/{method}/{variant}/{task}/seed{seed}.json"
 
 
-def storm_results():
+def mow_run_dir(protocol, variant, seed, suite="atari"):
+    """The run folder of one MoW training (every task of the suite together, task `all`)."""
+    return f"runs/{SCALE}/{suite}/{protocol}/mow/{variant}/all/seed{seed}"
+
+
+def storm_results(protocols=None):
+    """Every STORM raw file: each Atari game x seed, on every Atari protocol by default."""
     return [raw_result("atari", protocol, "storm", "full", game, seed)
-            for protocol in atari_protocols()
+            for protocol in (protocols or atari_protocols())
             for game in P["suites"]["atari"]["tasks"]
             for seed in P["seeds"]]
 
 
-# Per-job resources of a training run, by scale. runtime is in minutes, mem_mb in MB, gpu
-# a count (the SLURM executor turns it into --gpus=N; 0 requests none). smoke: minutes on
-# 2 CPU cores; paper: one GPU for a 102k-step run (raise runtime for a slow GPU).
-TRAIN_RESOURCES = (dict(mem_mb=4000, runtime=30, gpu=0) if SCALE == "smoke"
-                   else dict(mem_mb=32000, runtime=600, gpu=1))
+# Which MoW variants a scale runs (on the default protocol `P["protocol"]` only; STORM runs
+# every Atari protocol):
+#   paper: every variant under `variants:` in params.yaml (full + the ablations and sweeps);
+#   smoke (and any other scale): `full` only, plus those named by the config key
+#   `ablations` (a list, a comma-separated string, or `all`), e.g.
+#       snakemake --cores all --config ablations=[no_experts,single_vae]
+#       snakemake --cores all --config ablations=all
+# `ablations` is a pipeline option, not a parameter: the Snakefile takes it out of the
+# config before params.yaml is validated (its schema allows no unknown key).
+def mow_variants():
+    if SCALE == "paper":
+        return list(P["variants"])
+    extra = ABLATIONS or []
+    if isinstance(extra, str):
+        extra = list(P["variants"]) if extra == "all" else [v for v in extra.split(",") if v]
+    unknown = [v for v in extra if v not in P["variants"]]
+    if unknown:
+        raise ValueError(f"config ablations: unknown variant(s) {', '.join(map(str, unknown))} "
+                         f"(valid: {', '.join(P['variants'])})")
+    return ["full", *[v for v in dict.fromkeys(extra) if v != "full"]]
+
+
+def mow_results(variants=None, protocol=None):
+    """Every MoW raw file of the given variants: each Atari game x seed on one protocol."""
+    protocol = protocol or P["protocol"]
+    return [raw_result("atari", protocol, "mow", variant, game, seed)
+            for variant in (variants or mow_variants())
+            for game in P["suites"]["atari"]["tasks"]
+            for seed in P["seeds"]]
+
+
+def mow_side_files():
+    """What the report's MoW figures read: the full run with the lowest seed (mow.results.mow_side_file)."""
+    run = mow_run_dir(P["protocol"], "full", min(P["seeds"]))
+    return [f"{run}/warmup/clusters.json", f"{run}/routing.json", f"{run}/imagination.npz"]
+
+
+def report_outputs():
+    """The tables, figures and REPORT.md that `mow report` writes (mow.results.outputs())."""
+    from mow.results import outputs
+
+    return [str(path) for path in outputs("results")]
+
+
+# Per-job resources, by scale. runtime is in minutes, mem_mb in MB, gpu a count (the SLURM
+# executor turns it into --gpus=N; 0 requests none). smoke: minutes on 2 CPU cores; paper:
+# one GPU for a 102k-step run (raise runtime for a slow GPU).
+PAPER = SCALE == "paper"
+# Threads of a training-type job: the smoke models are too small to gain from a second
+# thread, so on a 2-core machine two smoke jobs run side by side instead.
+TRAIN_THREADS = 2 if PAPER else 1
+TRAIN_RESOURCES = dict(mem_mb=32000, runtime=600, gpu=1) if PAPER else dict(mem_mb=4000, runtime=30, gpu=0)
+# MoW trains all 26 games in one model (~255 M parameters) for 26 x 102k env steps.
+MOW_TRAIN_RESOURCES = dict(mem_mb=128000, runtime=7 * 1440, gpu=1) if PAPER else dict(mem_mb=6000, runtime=30, gpu=0)
+COLLECT_RESOURCES = dict(mem_mb=16000, runtime=60, gpu=0) if PAPER else dict(mem_mb=2000, runtime=10, gpu=0)
+WARMUP_RESOURCES = dict(mem_mb=32000, runtime=240, gpu=1) if PAPER else dict(mem_mb=4000, runtime=10, gpu=0)
+REPORT_RESOURCES = dict(mem_mb=8000, runtime=60, gpu=0) if PAPER else dict(mem_mb=2000, runtime=10, gpu=0)

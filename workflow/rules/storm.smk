@@ -7,7 +7,7 @@ rule train_storm:
         raw=f"results/raw/{SCALE}/atari/{{protocol}}/storm/full/{{game}}/seed{{seed}}.json",
     log:
         f"logs/{SCALE}/train_storm/{{protocol}}/{{game}}/seed{{seed}}.log",
-    threads: 2
+    threads: TRAIN_THREADS
     resources:
         **TRAIN_RESOURCES,
     params:

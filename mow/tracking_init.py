@@ -1,0 +1,57 @@
+"""Create the MLflow store, the suite's experiment and the parent runs once, before parallel jobs.
+
+Several pipeline jobs starting at once against a fresh SQLite store crash while creating its
+tables, and two jobs that both miss a parent run would each create one. The Snakefile's
+``onstart:`` handler runs this module once (one process, before any job):
+
+    python -m mow.tracking_init --suite atari --scale smoke --parent storm/full --parent mow/full
+
+It goes through :class:`mow.tracking.Tracker`'s own lookup code (``_experiment`` and
+``_find_or_create`` with the same tags), so the jobs find exactly these runs. Idempotent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+
+from mow.tracking import Tracker, tracking_uri
+
+
+def init_tracking(suite: str, scale: str, parents: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Experiment `mow-<suite>` and one parent run per (method, variant); returns {method/variant: run id}."""
+    from mlflow.tracking import MlflowClient
+
+    tracker = Tracker.__new__(Tracker)  # only the store-side helpers, no child run
+    tracker.client = MlflowClient(tracking_uri())
+    exp_id = tracker._experiment(f"mow-{suite}")
+    runs = {}
+    for method, variant in parents:
+        runs[f"{method}/{variant}"] = tracker._find_or_create(
+            exp_id, {"mow.parent_key": f"{method}/{variant}/{scale}"}, run_name=f"{method}/{variant}",
+            extra_tags={"mow.method": method, "mow.variant": variant, "mow.scale": scale})
+    return runs
+
+
+def _parent(text: str) -> tuple[str, str]:
+    method, sep, variant = text.partition("/")
+    if not sep or not method or not variant or "/" in variant:
+        raise argparse.ArgumentTypeError(f"expected METHOD/VARIANT, got '{text}'")
+    return method, variant
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mow.tracking_init", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", required=True)
+    p.add_argument("--scale", required=True)
+    p.add_argument("--parent", dest="parents", type=_parent, action="append", default=[], metavar="METHOD/VARIANT")
+    args = p.parse_args(argv)
+    runs = init_tracking(args.suite, args.scale, args.parents)
+    print(f"MLflow {tracking_uri()}: experiment mow-{args.suite}, {len(runs)} parent run(s) ready")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
