@@ -42,7 +42,6 @@ from mow.envs import make_env
 from mow.envs.vector import VectorEnv
 from mow.models.actor_critic import MultiTaskActorCritic
 from mow.models.mow_world_model import MoWWorldModel
-from mow.policy import Policy
 from mow.runs import RunSpec, clusters_path, pretrain_path, state_path
 from mow.runtime import seed_everything
 from mow.train import Trainer
@@ -106,6 +105,7 @@ class MultiTaskTrainer(Trainer):
             seed_everything(spec.seed + 7919 * self.rank)
             self.action_rng = np.random.default_rng(spec.seed + 7919 * self.rank)
             self.obs = self.envs.reset(seed=spec.seed * 1000 + 7919 * self.rank)
+            self.replay.generator.manual_seed(spec.seed + 7919 * self.rank)
 
     # -- construction hooks ---------------------------------------------------------------
     def _make_envs(self) -> VectorEnv:
@@ -118,9 +118,6 @@ class MultiTaskTrainer(Trainer):
 
     def _build_models(self, device: torch.device):
         return build_mow_models(self.params, self.spec.suite, self.tasks, self.num_actions, self.clusters.labels, device)
-
-    def _make_policy(self) -> Policy:
-        return Policy(self.wm, self.ac, self.runtime, act_latent=self.cfg["act_latent"])
 
     def _initialise(self) -> None:
         """Fresh start: warm-up weights into every cluster, identical weights on every rank."""
