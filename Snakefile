@@ -13,11 +13,14 @@ configfile: "params.yaml"
 # `ablations` selects extra MoW variants at the smoke scale (common.smk); it is an option of
 # the pipeline, not a parameter, so it leaves the config before params.yaml is validated.
 ABLATIONS = config.pop("ablations", None)
+# mow.config first: a bad key stops the run before any job with one line naming its path
+# (e.g. `suites.atari.tasks.1`); then Snakemake's own validation against the same schema.
+P = resolve(dict(config), scale=config.get("scale"))   # presets applied, cross-key rules checked
 validate(config, "workflow/schemas/params.schema.yaml")
-
-P = resolve(dict(config), scale=config["scale"])   # preset applied, cross-key rules checked
 SCALE = P["scale"]
 MOW = f"{sys.executable} -m mow"
+
+report: "workflow/report/workflow.rst"   # `snakemake --report report.html` after a run
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/storm.smk"

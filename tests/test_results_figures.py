@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import results_data as rd
 
-from mow.results import FIGURES, REPORT, TABLES, ResultsError, build_all, figures, outputs
+from mow.results import FIGURES, REPORT, SUMMARIES, TABLES, ResultsError, build_all, figures, outputs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPS = 200
@@ -48,7 +48,7 @@ def test_build_all_writes_every_output(tmp_path):
     paths = build_all(results_dir=results, scale="smoke", protocol=rd.PROTOCOL, params_dict=smoke_params(),
                       params_table=rd.fake_params_table(extra=True), reps=REPS, **smoke_inputs(tmp_path))
     assert paths == outputs(results)
-    assert [p.name for p in paths] == [*TABLES, *FIGURES, REPORT]
+    assert [p.name for p in paths] == [*TABLES, *SUMMARIES, *FIGURES, REPORT]
     for name in FIGURES:
         assert_png(results / "figures" / name)
     for name in TABLES:
@@ -61,7 +61,7 @@ def test_build_all_with_nothing_run_gives_placeholders(tmp_path):
     results = tmp_path / "results"
     paths = build_all(tmp_path / "raw", tmp_path / "runs", results, "smoke", rd.PROTOCOL, smoke_params(),
                       params_table=rd.fake_params_table(), reps=REPS)
-    assert [p.name for p in paths] == [*TABLES, *FIGURES, REPORT]
+    assert [p.name for p in paths] == [*TABLES, *SUMMARIES, *FIGURES, REPORT]
     for name in FIGURES:
         assert_png(results / "figures" / name)
     assert pd.read_csv(results / "ablations.csv").empty and pd.read_csv(results / "metaworld_table.csv").empty

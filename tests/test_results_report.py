@@ -153,3 +153,55 @@ def test_cli_report_names_bad_raw_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("mow: error: ") and str(path) in err and "protocol is 'atari100k_standard'" in err
     assert not (tmp_path / "results").exists()
+
+
+# --------------------------------------------------------------------------- metrics.json / curves.csv (DVC)
+def test_build_all_writes_dvc_metrics_and_curves(tmp_path):
+    import json
+
+    from mow.results import SUMMARIES, build_all
+    from test_results_figures import smoke_inputs, smoke_params
+
+    results = tmp_path / "results"
+    paths = build_all(results_dir=results, scale="smoke", protocol=rd.PROTOCOL, params_dict=smoke_params(),
+                      params_table=rd.fake_params_table(extra=True), reps=REPS, **smoke_inputs(tmp_path))
+    assert [results / name for name in SUMMARIES] == [p for p in paths if p.name in SUMMARIES]
+    data = json.loads((results / "metrics.json").read_text())  # strict JSON: no NaN
+    assert data["scale"] == "smoke" and data["atari"]["protocol"] == rd.PROTOCOL
+    assert data["atari"]["n_games"] == 2 and sorted(data["atari"]["games"]) == ["Breakout", "Pong"]
+    storm, mow = data["atari"]["methods"]["storm_repro"], data["atari"]["methods"]["mow_repro"]
+    assert set(storm) == {"n_games", "n_seeds", "mean_hns", "median_hns", "iqm_hns", "optimality_gap"}
+    # STORM per seed: Pong (0, 0.5), Breakout (0.5, 1) -> game means 0.25, 0.75; MoW 1.0 everywhere
+    assert storm["mean_hns"] == pytest.approx(0.5) and storm["median_hns"] == pytest.approx(0.5)
+    assert storm["n_seeds"] == 2 and storm["n_games"] == 2
+    assert mow["mean_hns"] == pytest.approx(1.0) and mow["iqm_hns"] == pytest.approx(1.0)
+    assert "storm_official" in data["atari"]["methods"]
+    assert "no_experts" not in json.dumps(data["atari"]["methods"])  # ablations live in ablations.csv
+    # Meta-World ran (MoW, 2 tasks x 2 seeds): mean success 0.5
+    assert data["metaworld"] == {"protocol": "metaworld", "n_tasks": 2,
+                                 "methods": {"mow_repro": {"mean_success": pytest.approx(0.5), "n_seeds": 2}}}
+
+    curves = pd.read_csv(results / "curves.csv")
+    assert list(curves.columns) == ["step", "method", "task", "seed", "return"]
+    # rd.write_runs: STORM Pong/Breakout x seeds 1, 2 and one MoW multi-task run per seed, 12 steps each
+    assert len(curves) == 2 * 2 * 2 * 12
+    assert set(curves["method"]) == {"storm", "mow"} and set(curves["task"]) == {"Pong", "Breakout"}
+    mow_pong = curves[(curves["method"] == "mow") & (curves["task"] == "Pong") & (curves["seed"] == 2)]
+    assert mow_pong["step"].tolist() == list(range(100, 1300, 100))
+    assert mow_pong["return"].tolist() == pytest.approx([s / 50 + 0 + 2 for s in range(100, 1300, 100)])
+
+
+def test_metrics_json_without_runs_has_nulls_not_nan(tmp_path):
+    import json
+
+    from mow.results import build_all
+    from test_results_figures import smoke_params
+
+    results = tmp_path / "results"
+    build_all(tmp_path / "raw", tmp_path / "runs", results, "smoke", rd.PROTOCOL, smoke_params(),
+              params_table=rd.fake_params_table(), reps=REPS)
+    text = (results / "metrics.json").read_text()
+    data = json.loads(text)
+    assert "NaN" not in text and "metaworld" not in data  # Meta-World did not run
+    assert "storm_repro" not in data["atari"]["methods"] and "mow_repro" not in data["atari"]["methods"]
+    assert pd.read_csv(results / "curves.csv").empty

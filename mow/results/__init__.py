@@ -2,10 +2,11 @@
 
     results/raw/...              (input: mow.results.collect.load_results)
     results/<TABLES>             (mow.results.tables)
+    results/<SUMMARIES>          (mow.results.summary: metrics.json and curves.csv, for DVC)
     results/figures/<FIGURES>    (mow.results.figures)
     results/REPORT.md            (mow.results.report)
 
-The output file names are fixed (``TABLES``, ``FIGURES``, ``REPORT``) whatever was run, so
+The output file names are fixed (``TABLES``, ``SUMMARIES``, ``FIGURES``, ``REPORT``) whatever was run, so
 the pipeline's last rule can declare them; :func:`build_all` writes every one of them.
 """
 
@@ -20,16 +21,20 @@ TABLES = ("atari_table.csv", "atari_summary.csv", "params.csv", "ablations.csv",
 FIGURES = ("learning_curves.png", "hns_bars.png", "performance_profile.png", "similarity_matrix.png",
            "expert_usage.png", "sigma.png", "imagination.png", "params_bars.png", "ablation_bars.png",
            "metaworld_success.png")
+#: For DVC: ``metrics:`` (aggregates per method) and ``plots:`` (learning curves, x=step, y=return).
+SUMMARIES = ("metrics.json", "curves.csv")
 REPORT = "REPORT.md"
 METAWORLD = "metaworld"
 
-__all__ = ["FIGURES", "REPORT", "TABLES", "ResultsError", "build_all", "load_results", "mow_side_file", "outputs"]
+__all__ = ["FIGURES", "REPORT", "SUMMARIES", "TABLES", "ResultsError", "build_all", "load_results", "mow_side_file",
+           "outputs"]
 
 
 def outputs(results_dir: Path | str = "results") -> list[Path]:
     """Every file :func:`build_all` writes, in the order it returns them."""
     root = Path(results_dir)
-    return [*(root / t for t in TABLES), *(root / "figures" / f for f in FIGURES), root / REPORT]
+    return [*(root / t for t in TABLES), *(root / s for s in SUMMARIES), *(root / "figures" / f for f in FIGURES),
+            root / REPORT]
 
 
 def _expected_tasks(params_dict: Mapping | None, suite: str) -> list[str] | None:
@@ -72,7 +77,7 @@ def build_all(raw_root: Path | str, runs_root: Path | str, results_dir: Path | s
     open decisions from it. ``params_table``: a ``mow.paramcount.ParamsTable`` (computed when None).
     """
     from mow import metrics
-    from mow.results import figures, report, tables
+    from mow.results import figures, report, summary, tables
 
     clusters_json = clusters_json or mow_side_file(runs_root, scale, protocol, "clusters")
     routing_json = routing_json or mow_side_file(runs_root, scale, protocol, "routing")
@@ -86,6 +91,7 @@ def build_all(raw_root: Path | str, runs_root: Path | str, results_dir: Path | s
                         expected_tasks=_expected_tasks(params_dict, METAWORLD))
     reference = metrics.load_reference_scores()
     stats = {"reps": reps, "seed": seed}
+    where = {"scale": scale, "suite": "atari", "protocol": protocol}
     built = {
         "atari_table.csv": tables.atari_table(atari, reference, scale=scale, protocol=protocol, **stats),
         "atari_summary.csv": tables.atari_summary(atari, reference, scale=scale, protocol=protocol, **stats),
@@ -94,10 +100,16 @@ def build_all(raw_root: Path | str, runs_root: Path | str, results_dir: Path | s
         "metaworld_table.csv": tables.metaworld_table(metaworld, scale=scale, protocol=mw_protocol, **stats),
     }
     paths = [tables.write_table(built[name], results_dir / name) for name in TABLES]
+    paths += [
+        summary.write_metrics_json(summary.metrics_summary(built["atari_summary.csv"], built["metaworld_table.csv"],
+                                                           scale=scale, protocol=protocol,
+                                                           metaworld_protocol=mw_protocol),
+                                   results_dir / "metrics.json"),
+        summary.write_curves_csv(summary.learning_curves_frame(runs_root, **where), results_dir / "curves.csv"),
+    ]
 
     _, matrices = tables.hns_matrices(atari, reference, literature=False)
     run_matrices = matrices if len(matrices) > 1 else {}  # only the official file: nothing of ours to profile
-    where = {"scale": scale, "suite": "atari", "protocol": protocol}
     drawn = {
         "learning_curves.png": lambda p: figures.learning_curves(runs_root, p, **where),
         "hns_bars.png": lambda p: figures.hns_bars(built["atari_summary.csv"], p, scale=scale, protocol=protocol),

@@ -1,4 +1,4 @@
-"""`mow report`: regenerate every table, figure and REPORT.md from the raw result files.
+"""`mow report`: regenerate every table, figure, metrics.json, curves.csv and REPORT.md from the raw results.
 
 Registered by ``mow/cli.py`` through :func:`add_parser`; :func:`run` returns the exit code.
 Bad raw input ends with one line ``mow: error: ...`` naming the file, game or seed, exit 2.
@@ -14,10 +14,11 @@ EXIT_USAGE = 2
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("report", help="tables, figures and REPORT.md from results/raw")
+    p = subparsers.add_parser("report", help="tables, figures, metrics.json, curves.csv and REPORT.md from results/raw")
     p.add_argument("--raw-root", type=Path, default=Path("results/raw"), help="raw per-seed evaluation files")
     p.add_argument("--runs-root", type=Path, default=Path("runs"), help="run folders (metrics.jsonl curves)")
-    p.add_argument("--results-dir", type=Path, default=Path("results"), help="where tables, figures/ and REPORT.md go")
+    p.add_argument("--results-dir", type=Path, default=Path("results"),
+                   help="where tables, metrics.json, curves.csv, figures/ and REPORT.md go")
     p.add_argument("--scale", default=None, help="scale preset (default: params.yaml's `scale`)")
     p.add_argument("--protocol", default=None, help="Atari protocol (default: params.yaml's `protocol`)")
     p.add_argument("--params", type=Path, default=None, help="parameter file (default: ./params.yaml)")

@@ -68,10 +68,30 @@ def mow_side_files():
 
 
 def report_outputs():
-    """The tables, figures and REPORT.md that `mow report` writes (mow.results.outputs())."""
+    """The tables, DVC summaries, figures and REPORT.md that `mow report` writes (mow.results.outputs())."""
     from mow.results import outputs
 
     return [str(path) for path in outputs("results")]
+
+
+# The report rule's outputs, annotated for `snakemake --report report.html` (after a run):
+# captions in workflow/report/; figures under "Figures", the CSV tables and DVC summaries
+# under "Tables", REPORT.md under "Report".
+def captioned_report_outputs():
+    from snakemake.io import report as annotate  # a bare `report` opens the report: directive here
+
+    from mow.results import FIGURES, REPORT, SUMMARIES, TABLES
+
+    caption = "../report/{}.rst".format  # relative to this file (workflow/rules/)
+    return [
+        *(annotate(f"results/{name}", caption=caption("tables"), category="Tables", subcategory="Results tables",
+                 labels={"file": name}) for name in TABLES),
+        *(annotate(f"results/{name}", caption=caption("summaries"), category="Tables", subcategory="DVC summaries",
+                 labels={"file": name}) for name in SUMMARIES),
+        *(annotate(f"results/figures/{name}", caption=caption(name), category="Figures", labels={"figure": name})
+          for name in FIGURES),
+        annotate(f"results/{REPORT}", caption=caption("report"), category="Report", labels={"file": REPORT}),
+    ]
 
 
 # Per-job resources, by scale. runtime is in minutes, mem_mb in MB, gpu a count (the SLURM

@@ -12,7 +12,7 @@ rule report:
         mow=mow_results(),
         side=mow_side_files(),
     output:
-        report_outputs(),
+        captioned_report_outputs(),   # report_outputs() with captions (common.smk)
     log:
         f"logs/{SCALE}/report.log",
     threads: 1
