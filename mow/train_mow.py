@@ -191,8 +191,8 @@ class MultiTaskTrainer(Trainer):
         if self.world == 1:
             return
         for module in (self.wm, self.ac):
-            for name, buf in module.named_buffers():
-                if buf.is_floating_point() and "slow" not in name:
+            for buf in module.buffers():
+                if buf.is_floating_point():
                     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
                     buf.div_(self.world)
 

@@ -132,10 +132,6 @@ def load_data(path: Path, tasks, device: torch.device, steps: int | None = None)
     return replay
 
 
-def _task_streams(tasks: torch.Tensor) -> torch.Tensor:
-    return tasks  # one stream per task in the warm-up buffer
-
-
 def _bar(progress: bool, total: int, desc: str, initial: int = 0):
     if not progress:
         return None
@@ -183,7 +179,7 @@ def pretrain(params: Params, suite: str, seed: int, data: Path, out: Path, *, pr
     model.train()
     while step < total:
         task_ids = (torch.arange(batch) + step * batch) % k
-        b = replay.sample(batch, seq, _task_streams(task_ids))
+        b = replay.sample(batch, seq, task_ids)  # stream k = task k
         with runtime.autocast():
             loss, metrics = model.compute_loss(b.obs, b.actions, b.rewards, b.terminations, task_ids.to(device))
         opt.zero_grad(set_to_none=True)
@@ -243,7 +239,7 @@ def cluster(params: Params, suite: str, seed: int, data: Path, pretrained: Path,
     def batches(task: int):
         for _ in range(wu["cluster_batches"]):
             ids = torch.full((wu["cluster_batch"],), task, dtype=torch.long)
-            yield replay.sample(wu["cluster_batch"], seq, _task_streams(ids)), ids.to(device)
+            yield replay.sample(wu["cluster_batch"], seq, ids), ids.to(device)
 
     def loss_fn(item):
         b, ids = item

@@ -29,6 +29,36 @@ def run_mow(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
                           text=True, timeout=timeout)
 
 
+def step_of(path: Path) -> int:
+    """The env step of a state checkpoint, or -1 while none is complete."""
+    from mow import checkpoint
+
+    try:
+        return checkpoint.load(path)["step"]
+    except checkpoint.CheckpointError:
+        return -1
+
+
+def kill_midway(args: list[str], cwd: Path, state: Path, at_least: int) -> int:
+    """Start `mow ARGS`, SIGKILL it once `state` holds step >= `at_least` (plus a moment, to
+    land between two checkpoints) and return the step of the checkpoint it left."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mow", *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and step_of(state) >= at_least:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the run finished before it could be killed; raise env_steps"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return step_of(state)
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
     """A scratch working directory holding a copy of params.yaml (runs and results land here)."""

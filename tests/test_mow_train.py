@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 from mow import checkpoint
 from mow.envs import SANITY_REFERENCE
 
-from conftest import run_mow
+from conftest import kill_midway, run_mow
 
 SANITY_RUN = "smoke/sanity/sanity/mow/full/all/seed{seed}"
 TWO_TASKS = ["--set", "suites.sanity.tasks=[side, chase]"]
@@ -32,13 +31,6 @@ def _weights_equal(a: dict, b: dict) -> None:
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return checkpoint.load(path)["step"]
-    except checkpoint.CheckpointError:
-        return -1
 
 
 @pytest.mark.slow
@@ -95,18 +87,7 @@ def test_sigkill_midway_then_rerun_ends_with_identical_weights(project):
     assert res.returncode == 0, res.stderr[-3000:]
 
     state = project / "killed" / SANITY_RUN.format(seed=2) / "checkpoints/state.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "mow", *args, "--runs-root", "killed"], cwd=project,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and _step_of(state) >= 120:
-            break
-        time.sleep(0.2)
-    time.sleep(0.5)
-    assert proc.poll() is None, "the run finished before it could be killed; raise env_steps"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _step_of(state)
+    killed_at = kill_midway(args + ["--runs-root", "killed"], project, state, at_least=120)
     assert 120 <= killed_at < 240
 
     res = run_mow(args + ["--runs-root", "killed"], cwd=project)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import torch
 from mow import checkpoint
 from mow.envs import SANITY_REFERENCE
 
-from conftest import run_mow
+from conftest import kill_midway, run_mow
 
 PONG_RUN = Path("runs/smoke/atari/storm_compat/storm/full/Pong/seed1")
 PONG_RAW = Path("results/raw/smoke/atari/storm_compat/storm/full/Pong/seed1.json")
@@ -69,13 +66,6 @@ def test_smoke_pong_writes_checkpoint_evaluation_and_mlflow_run(project):
     assert len(runs) == 2
 
 
-def _step_of(path: Path) -> int:
-    try:
-        return checkpoint.load(path)["step"]
-    except checkpoint.CheckpointError:
-        return -1
-
-
 SANITY_ARGS = ["train", "--suite", "sanity", "--task", "chase", "--seed", "3", "--no-eval", "--no-progress",
                "--set", "train.env_steps=600", "--set", "train.warmup_steps=100", "--set", "train.checkpoint_every=100",
                "--set", "train.log_every=50", "--set", "train.threads=1"]
@@ -87,18 +77,7 @@ def test_sigkill_midway_then_rerun_ends_with_identical_weights(project):
     assert res.returncode == 0, res.stderr[-3000:]
 
     state = project / "killed/smoke/sanity/sanity/storm/full/chase/seed3/checkpoints/state.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "mow", *SANITY_ARGS, "--runs-root", "killed"], cwd=project,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and _step_of(state) >= 300:
-            break
-        time.sleep(0.2)
-    time.sleep(1.0)  # land somewhere between two checkpoints
-    assert proc.poll() is None, "the run finished before it could be killed; raise env_steps"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _step_of(state)
+    killed_at = kill_midway(SANITY_ARGS + ["--runs-root", "killed"], project, state, at_least=300)
     assert 300 <= killed_at < 600
 
     res = run_mow(SANITY_ARGS + ["--runs-root", "killed"], cwd=project)
