@@ -22,8 +22,10 @@ install: $(STAMP)
 reproduce: install
 	$(BIN)/snakemake --cores all
 
+# Two pytest-xdist workers; tests of one xdist_group (e.g. the SLURM cluster) share a worker.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: install
 	$(BIN)/mow bench

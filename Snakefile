@@ -2,7 +2,7 @@
 #   snakemake --cores all                         # everything at the scale in params.yaml
 #   snakemake --cores all results/atari_table.csv # one target (any file the report writes)
 #   snakemake --cores all --config scale=paper    # the published configuration
-#   snakemake --cores all --config ablations=all  # smoke: also every MoW ablation variant
+#   snakemake --cores all --config ablations=none # MoW's full variant only (no ablations)
 import sys
 
 from snakemake.utils import validate
@@ -10,7 +10,7 @@ from snakemake.utils import validate
 from mow.config import resolve
 
 configfile: "params.yaml"
-# `ablations` selects extra MoW variants at the smoke scale (common.smk); it is an option of
+# `ablations` narrows the MoW variants that run (common.smk, mow_variants()); it is an option of
 # the pipeline, not a parameter, so it leaves the config before params.yaml is validated.
 ABLATIONS = config.pop("ablations", None)
 # mow.config first: a bad key stops the run before any job with one line naming its path
@@ -25,6 +25,7 @@ report: "workflow/report/workflow.rst"   # `snakemake --report report.html` afte
 include: "workflow/rules/common.smk"
 include: "workflow/rules/storm.smk"
 include: "workflow/rules/mow.smk"
+include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 localrules: all, storm_all, mow_all
@@ -33,8 +34,8 @@ localrules: all, storm_all, mow_all
 rule all:
     default_target: True
     input:
-        report_outputs(),
-        storm_results(),   # STORM on every Atari protocol (the report reads the default one)
+        rules.report.output,
+        storm_results(),   # STORM on every Atari protocol (the tables read the default one)
 
 
 rule storm_all:   # every STORM baseline (dvc.yaml stage storm_baselines)
@@ -42,13 +43,16 @@ rule storm_all:   # every STORM baseline (dvc.yaml stage storm_baselines)
         storm_results(),
 
 
-rule mow_all:     # every MoW run of the variants this scale runs (dvc.yaml stage mow)
+rule mow_all:     # every MoW run and evaluation, on every suite (dvc.yaml stage mow)
     input:
-        mow_results(),
+        [raw for suite in mow_suites() for raw in mow_results(suite)],
 
 
 # Create the MLflow store, experiment and parent runs once, before jobs run in parallel
 # (mow/tracking_init.py). Not run by dry runs or when there is nothing to do.
 onstart:
-    parents = " ".join(f"--parent {p}" for p in ["storm/full", *(f"mow/{v}" for v in mow_variants())])
-    shell(f"{sys.executable} -m mow.tracking_init --suite atari --scale {SCALE} {parents}")
+    for suite in mow_suites():
+        runs = ["storm/full"] if suite == "atari" else []
+        runs += [f"mow/{variant}" for variant in dict.fromkeys(v for _, v, _ in mow_runs(suite))]
+        parents = " ".join(f"--parent {p}" for p in runs)
+        shell(f"{sys.executable} -m mow.tracking_init --suite {suite} --scale {SCALE} {parents}")

@@ -5,7 +5,9 @@
                                               pretrain, cluster: each skipped when done), joint
                                               training (resumes), evaluation of every task
     mow collect | pretrain | cluster          the MoW warm-up steps one at a time (the pipeline)
-    mow evaluate --game Pong --seed 1         evaluate a finished run (or --model PATH)
+    mow evaluate --game Pong --seed 1         evaluate a finished run (or --model PATH); MoW: every
+                                              task, or the one --task names
+    mow aggregate | figures | report          results tables, figures, REPORT.md (report --all: all three)
     mow params                                parameter counts per component (MoW, STORM, 26 STORMs)
     mow bench                                 throughput benchmark, written as JSON
 
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="model file (default: the run folder's model.ckpt)")
     p.add_argument("--out", type=Path, default=None, help="raw JSON path (default: results/raw/...)")
     p.add_argument("--episodes", type=int, default=None, help="override the protocol's episode count")
+    p.add_argument("--no-track", action="store_true", help="do not log the result to the run's MLflow run")
 
     p = sub.add_parser("params", help="parameter counts per component")
     _common(p)
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mow.results import cli as results_cli
 
-    results_cli.add_parser(sub)
+    results_cli.add_parsers(sub)
     return parser
 
 
@@ -272,48 +275,74 @@ def _evaluated(raw: Path, model: Path) -> bool:
 
 
 def cmd_evaluate(args) -> int:
-    from mow.evaluate import evaluate
-    from mow.runs import model_path
+    """Evaluate a run's model file (or --model PATH) into raw JSON, logged to the run's MLflow run."""
+    import dataclasses
+
+    from mow.runs import MULTITASK_METHODS, model_path
 
     if args.episodes is not None and args.episodes < 1:
         raise UsageError(f"--episodes: must be >= 1, got {args.episodes}")
-    if args.model is None:
-        from mow.runs import MULTITASK_METHODS
-
-        if args.task is None and args.method not in MULTITASK_METHODS:
-            raise UsageError("evaluate: give --model PATH or the run (--task/--game, --seed, ...)")
-        params = _load(args)
-        spec = resolve_spec(args, params)
-        model, out = model_path(spec.run_dir(args.runs_root)), args.out or spec.raw_result(args.results_root)
-        if spec.method in MULTITASK_METHODS:
-            return _evaluate_tasks(model, spec, params, args)
-    else:
-        model = args.model
+    if args.model is not None:
         if args.out is None:
             raise UsageError("--out: required with --model")
-        out = args.out
-    if not Path(model).is_file():
-        raise UsageError(f"--model: checkpoint not found: {model}")
-    record = evaluate(model, out_path=out, episodes=args.episodes)
-    print(f"mean return {record['mean_return']:.2f} over {len(record['returns'])} episodes -> {out}")
-    return 0
+        return _evaluate_file(args.model, [(args.task, args.out)], args)
+    if args.task is None and args.method not in MULTITASK_METHODS:
+        raise UsageError("evaluate: give --model PATH or the run (--task/--game, --seed, ...)")
+    params = _load(args)
+    if params["train"]["threads"]:  # parallel pipeline jobs share the cores (`--set train.threads=1`)
+        import torch
+
+        torch.set_num_threads(int(params["train"]["threads"]))
+    # a MoW run is the joint run (task `all`); --task picks one of its tasks (one pipeline job each)
+    task = args.task if args.method in MULTITASK_METHODS else None
+    spec = resolve_spec(argparse.Namespace(**{**vars(args), "task": None if task else args.task}), params)
+    if spec.method not in MULTITASK_METHODS:
+        return _evaluate_file(model_path(spec.run_dir(args.runs_root)), [(None, args.out or spec.raw_result(args.results_root))], args)
+    from mow.warmup import check_suite_tasks
+
+    tasks = check_suite_tasks(params, spec.suite)
+    if task is not None and task not in tasks:
+        raise UsageError(f"--task: '{task}' is not a task of suite '{spec.suite}' at this scale "
+                         f"(valid: {', '.join(tasks)})")
+    if args.out is not None and task is None:
+        raise UsageError("--out: a MoW run writes one file per task; give --task with --out")
+    jobs = [(t, args.out or dataclasses.replace(spec, task=t).raw_result(args.results_root)) for t in ([task] if task else tasks)]
+    return _evaluate_file(model_path(spec.run_dir(args.runs_root)), jobs, args)
 
 
-def _evaluate_tasks(model: Path, spec, params, args) -> int:
-    """Every task of a multi-task model, one raw file each."""
-    import dataclasses
-
+def _evaluate_file(model: Path, jobs: list[tuple[str | None, Path]], args) -> int:
+    """Evaluate `model` on each (task, raw path) of `jobs` (task None: a single-task model)."""
     from mow.evaluate import evaluate, load_model
     from mow.runtime import select_device
 
     if not Path(model).is_file():
         raise UsageError(f"--model: checkpoint not found: {model}")
     loaded = load_model(model, select_device("auto"))
-    for task in loaded[0]["tasks"]:
-        out = dataclasses.replace(spec, task=task).raw_result(args.results_root)
+    for task, out in jobs:
         record = evaluate(model, out_path=out, episodes=args.episodes, task=task, loaded=loaded)
-        print(f"{task}: mean return {record['mean_return']:.2f} over {len(record['returns'])} episodes -> {out}")
+        if not args.no_track:
+            _log_evaluation(record, Path(out), Path(model).parent)
+        name = f"{record['method']}/{record['task']}/seed{record['seed']}"
+        print(f"{name}: mean return {record['mean_return']:.2f} over {len(record['returns'])} episodes -> {out}")
     return 0
+
+
+def _log_evaluation(record: dict, out: Path, run_dir: Path) -> None:
+    """Add an evaluation to the MLflow run that trained the model (a nested child per task for MoW)."""
+    from mow.runs import MULTITASK_METHODS
+    from mow.tracking import Tracker
+
+    if not record.get("mlflow_run_id"):
+        return  # trained with --no-track: metrics.jsonl is all there is
+    tracker = Tracker.reopen(record["mlflow_run_id"], run_dir,
+                             run_name=f"{record['method']}/{'all' if record['method'] in MULTITASK_METHODS else record['task']}/seed{record['seed']}")
+    step = int(record["env_steps_trained"])
+    if record["method"] in MULTITASK_METHODS:
+        tracker.log_task_result(record["task"], _eval_metrics(record), step, out)
+    else:
+        tracker.log(_eval_metrics(record), step)
+        tracker.flush()
+        tracker.log_artifact(out, "eval")
 
 
 def cmd_params(args) -> int:

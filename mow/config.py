@@ -1,7 +1,8 @@
 """Load `params.yaml`, apply the scale preset and command-line overrides, validate, freeze.
 
 Resolution order: file -> `scales[<scale>]` preset -> `variants[<variant>]` preset (MoW
-ablations) -> `--set key=value` overrides. The
+ablations; a scale preset may adapt a variant's values under its own `variants:`, never add
+one) -> `--set key=value` overrides. The
 result is checked against `workflow/schemas/params.schema.yaml` (the same schema the
 Snakefile validates with) plus the cross-key rules the schema cannot express. Every
 failure is a `ConfigError` whose one-line message names the file and the key path.
@@ -155,17 +156,21 @@ def resolve(raw: dict, *, scale: str | None = None, overrides: Iterable[str] = (
     """Validate the raw file and every preset, then return the resolved tree."""
     _check(raw, source)
     for name, preset in raw["scales"].items():
+        added = [v for v in (preset.get("variants") or {}) if v not in raw["variants"]]
+        if added:
+            raise ConfigError(f"{source}: scales.{name}.variants.{added[0]}: not a variant of `variants:` "
+                              f"(valid: {', '.join(raw['variants'])})")
         merged = deep_merge(raw, preset)
         try:
             _check(merged, source)
         except ConfigError as exc:
             raise ConfigError(str(exc).replace(f"{source}: ", f"{source}: scales.{name}: ", 1)) from None
-        for vname, vpreset in raw["variants"].items():
+        for vname, vpreset in merged["variants"].items():  # a scale may adapt a variant (smoke's sweeps)
             try:
                 _check(deep_merge(merged, vpreset), source)
             except ConfigError as exc:
                 raise ConfigError(str(exc).replace(f"{source}: ", f"{source}: variants.{vname} (scale {name}): ", 1)) from None
-    if variant not in raw["variants"]:
+    if variant not in raw["variants"]:  # a scale preset adapts variants, it adds none (checked below)
         raise ConfigError(f"{source}: variant: unknown variant '{variant}' (valid: {', '.join(raw['variants'])})")
     parsed = [parse_override(o) for o in overrides]
     for parts, value in parsed:
@@ -174,7 +179,8 @@ def resolve(raw: dict, *, scale: str | None = None, overrides: Iterable[str] = (
     scale = scale if scale is not None else raw["scale"]
     if scale not in raw["scales"]:
         raise ConfigError(f"{source}: scale: unknown scale '{scale}' (valid: {', '.join(raw['scales'])})")
-    tree = deep_merge(deep_merge(raw, raw["scales"][scale]), raw["variants"][variant])
+    scaled = deep_merge(raw, raw["scales"][scale])
+    tree = deep_merge(scaled, scaled["variants"][variant])
     tree["scale"] = scale
     for parts, value in parsed:
         if parts != ["scale"]:

@@ -13,7 +13,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 
-torch.set_num_threads(2)
+# `make test` runs the suite in 2 pytest-xdist workers (`-n 2`): then each worker, and every
+# process a test starts (they inherit the environment), computes on one thread, so the two
+# workers share a 2-core machine instead of oversubscribing it. Run alone, a test uses 2.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(autouse=True)

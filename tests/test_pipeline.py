@@ -30,7 +30,9 @@ def COPY_IGNORE(folder: str, names: list[str]) -> set[str]:
     return ignored
 GAMES = ("Pong", "Breakout")                          # the smoke scale's Atari games
 PROTOCOLS = ("storm_compat", "atari100k_standard")    # STORM runs both; MoW the default one
-DAG_RULES = {"collect", "pretrain", "cluster", "train_mow", "train_storm", "report", "all"}
+DAG_RULES = {"collect", "pretrain", "cluster", "train_mow", "train_storm", "evaluate", "aggregate", "figures", "report",
+             "all"}
+RESULTS_RULES = ("aggregate", "figures", "report")
 BIN = Path(sys.executable).parent
 
 
@@ -69,15 +71,18 @@ def job_stats(output: str) -> dict[str, int]:
 def test_smoke_dag_runs_every_rule_and_a_rerun_has_nothing_to_do(tmp_path):
     work = make_copy(tmp_path)
     start = time.monotonic()
-    res = snakemake(work, "--cores", "2")
+    # one ablation besides full keeps the test short; the smoke scale's full grid (every
+    # variant) is planned by test_smoke_scale_plans_every_variant_and_the_option_narrows_it
+    res = snakemake(work, "--cores", "2", "--config", "ablations=[no_experts]")
     print(f"smoke DAG on 2 cores: {time.monotonic() - start:.0f} s")
     assert res.returncode == 0, res.stderr[-4000:]
     stats = job_stats(res.stderr + res.stdout)
     assert set(stats) - {"total"} == DAG_RULES, stats  # every rule of the DAG ran ...
-    assert stats["train_storm"] == len(GAMES) * len(PROTOCOLS) and stats["train_mow"] == 1  # ... once per run
+    assert stats["train_storm"] == len(GAMES) * len(PROTOCOLS) and stats["train_mow"] == 2  # ... once per run
+    assert stats["evaluate"] == len(GAMES) * len(PROTOCOLS) + 2 * len(GAMES)                 # ... and task
     check_smoke_outputs(work)
     start = time.monotonic()
-    dry = snakemake(work, "-n")
+    dry = snakemake(work, "-n", "--config", "ablations=[no_experts]")
     print(f"no-op snakemake -n: {time.monotonic() - start:.1f} s")
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr
 
@@ -106,15 +111,16 @@ def check_smoke_outputs(work: Path) -> None:
     raws = sorted(work.glob("results/raw/smoke/atari/*/*/*/*/seed*.json"))
     found = {(r.parts[-5], r.parts[-4], r.parts[-3], r.parts[-2]) for r in raws}  # protocol, method, variant, game
     expected = {(p, "storm", "full", g) for p in PROTOCOLS for g in GAMES}
-    expected |= {("storm_compat", "mow", "full", g) for g in GAMES}
+    expected |= {("storm_compat", "mow", v, g) for v in ("full", "no_experts") for g in GAMES}
     assert found == expected
     for raw in raws:
         record = json.loads(raw.read_text())
         assert record["protocol"] == raw.parts[-5] and len(record["returns"]) == 1
         assert record["protocol_config"]["sticky_prob"] == (0.25 if record["protocol"] == "storm_compat" else 0.0)
-    for rule in ("collect", "pretrain", "cluster", "train_mow", "train_storm"):
+    for rule in ("collect", "pretrain", "cluster", "train_mow", "train_storm", "evaluate"):
         assert list((work / "logs/smoke" / rule).rglob("*.log")), rule
-    assert (work / "logs/smoke/report.log").is_file()
+    for rule in RESULTS_RULES:
+        assert (work / f"logs/smoke/{rule}.log").is_file(), rule
 
     # the report's outputs
     results = work / "results"
@@ -139,7 +145,7 @@ def check_smoke_outputs(work: Path) -> None:
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = {r.data.tags["mow.parent_key"]: r for r in runs if "mow.parent_key" in r.data.tags}
     assert sorted(r.data.tags.get("mow.parent_key") for r in runs if "mow.parent_key" in r.data.tags) == \
-        ["mow/full/smoke", "storm/full/smoke"]  # created once, before the parallel jobs
+        ["mow/full/smoke", "mow/no_experts/smoke", "storm/full/smoke"]  # created once, before the parallel jobs
     children = {}
     for r in runs:
         children.setdefault(r.data.tags.get("mlflow.parentRunId"), []).append(r)
@@ -166,26 +172,38 @@ def test_paper_scale_dry_run_plans_every_job(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     stats = job_stats(res.stdout + res.stderr)
     protocols = [n for n, p in params["protocols"].items() if p["suite"] == "atari"]
-    assert stats == {
-        "train_storm": len(games) * len(seeds) * len(protocols),     # 26 x 5 x 2
-        "collect": len(seeds),                                       # shared by every variant
-        "pretrain": len(variants) * len(seeds),
-        "cluster": len(variants) * len(seeds),
-        "train_mow": len(variants) * len(seeds),
-        "report": 1, "all": 1,
-        "total": len(games) * len(seeds) * len(protocols) + len(seeds) + 3 * len(variants) * len(seeds) + 2,
+    # MoW: every Atari variant, and the full variant on each further suite params.yaml declares
+    mow_suites = [s for s in paper["suites"] if s in ("atari", "metaworld")]
+    trainings = len(variants) * len(seeds) + (len(mow_suites) - 1) * len(seeds)
+    mow_evals = len(variants) * len(seeds) * len(games) + sum(
+        len(paper["suites"][s]["tasks"]) * len(seeds) for s in mow_suites if s != "atari")
+    storm = len(games) * len(seeds) * len(protocols)                 # 26 x 5 x 2
+    expected = {
+        "train_storm": storm,
+        "collect": len(seeds) * len(mow_suites),                    # shared by every variant
+        "pretrain": trainings, "cluster": trainings, "train_mow": trainings,
+        "evaluate": storm + mow_evals,                              # one job per task
+        "aggregate": 1, "figures": 1, "report": 1, "all": 1,
     }
+    assert stats == {**expected, "total": sum(expected.values())}
     assert not (work / "runs").exists() and not (work / "results" / "raw").exists()  # nothing ran
 
 
-def test_smoke_ablations_option_adds_variants_and_rejects_unknown_ones(tmp_path):
+def test_smoke_scale_plans_every_variant_and_the_option_narrows_it(tmp_path):
     work = make_copy(tmp_path)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    variants, metaworld = params["variants"], int("metaworld" in params["suites"])  # Meta-World: full only
+    every = job_stats(snakemake(work, "-n", "--cores", "1", timeout=300).stdout)
+    assert every["train_mow"] == len(variants) + metaworld  # smoke: each Atari variant, once
+    assert set(every) - {"total"} == DAG_RULES
     res = snakemake(work, "-n", "--cores", "1", "results/atari_table.csv",  # targets before --config
                     "--config", "ablations=[no_experts,single_vae]", timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     stats = job_stats(res.stdout + res.stderr)
-    assert stats["train_mow"] == 3 and stats["collect"] == 1 and stats["report"] == 1
+    assert stats["train_mow"] == 3 + metaworld and "report" not in stats
     assert "all" not in stats  # a named target runs only what it needs
+    assert job_stats(snakemake(work, "-n", "--config", "ablations=none", timeout=300).stdout)["pretrain"] == \
+        every["pretrain"] - len(variants) + 1
     bad = snakemake(work, "-n", "--config", "ablations=[no_such_variant]", timeout=300)
     assert bad.returncode != 0 and "no_such_variant" in bad.stdout + bad.stderr
 

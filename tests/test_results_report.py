@@ -123,7 +123,7 @@ def test_verdicts(rep, scale, expected):
 # ------------------------------------------------------------------ CLI hook
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mow")
-    results_cli.add_parser(p.add_subparsers(dest="command", required=True))
+    results_cli.add_parsers(p.add_subparsers(dest="command", required=True))
     return p
 
 
@@ -132,8 +132,8 @@ def test_cli_report_writes_everything(tmp_path, monkeypatch):
 
     monkeypatch.setattr(paramcount, "params_table", lambda: rd.fake_params_table())
     rd.write_known(tmp_path / "raw", "storm", {"Pong": [0.5], "Breakout": [1.0]})
-    args = parser().parse_args(["report", "--raw-root", str(tmp_path / "raw"), "--runs-root", str(tmp_path / "runs"),
-                                "--results-dir", str(tmp_path / "results"), "--scale", "smoke",
+    args = parser().parse_args(["report", "--all", "--raw-root", str(tmp_path / "raw"), "--runs-root",
+                                str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), "--scale", "smoke",
                                 "--params", str(rd.REPO / "params.yaml"), "--reps", str(REPS)])
     assert args.func(args) == 0
     assert (tmp_path / "results" / "REPORT.md").exists()
@@ -143,16 +143,46 @@ def test_cli_report_writes_everything(tmp_path, monkeypatch):
         table.loc["mean HNS", "hns_storm_repro_ci_low"])
 
 
-def test_cli_report_names_bad_raw_file(tmp_path, capsys):
+def test_cli_aggregate_names_bad_raw_file(tmp_path, capsys):
     path = rd.write_raw(tmp_path / "raw", method="storm", task="Pong", seed=1, returns=[1.0],
                         override={"protocol": "atari100k_standard"})
-    args = parser().parse_args(["report", "--raw-root", str(tmp_path / "raw"), "--results-dir",
+    args = parser().parse_args(["aggregate", "--raw-root", str(tmp_path / "raw"), "--results-dir",
                                 str(tmp_path / "results"), "--scale", "smoke",
                                 "--params", str(rd.REPO / "params.yaml")])
     assert results_cli.run(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mow: error: ") and str(path) in err and "protocol is 'atari100k_standard'" in err
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("stage", ["figures", "report"])
+def test_cli_stage_without_tables_names_the_missing_table(tmp_path, capsys, stage):
+    args = parser().parse_args([stage, "--raw-root", str(tmp_path / "raw"), "--results-dir", str(tmp_path / "results"),
+                                "--scale", "smoke", "--params", str(rd.REPO / "params.yaml")])
+    assert results_cli.run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mow: error: {tmp_path / 'results' / 'atari_table.csv'}: not found (run `mow aggregate` first)"
+
+
+def test_stages_one_by_one_write_what_build_all_writes(tmp_path, monkeypatch):
+    """The pipeline's aggregate -> figures -> report rules give the same files as one build_all."""
+    from mow import paramcount
+    from mow.results import aggregate, build_all, draw_figures, outputs, write_report
+    from test_results_figures import smoke_params
+
+    monkeypatch.setattr(paramcount, "params_table", lambda: rd.fake_params_table())
+    rd.write_known(tmp_path / "raw", "storm", {"Pong": [0.5], "Breakout": [1.0]})
+    rd.write_known(tmp_path / "raw", "mow", {"Pong": [0.7], "Breakout": [0.2]})
+    common = dict(scale="smoke", protocol=rd.PROTOCOL, params_dict=smoke_params(), reps=REPS, seed=0)
+    staged, whole = tmp_path / "staged", tmp_path / "whole"
+    aggregate(tmp_path / "raw", tmp_path / "runs", staged, **common)
+    draw_figures(tmp_path / "raw", tmp_path / "runs", staged, **common)
+    write_report(staged, **common, git_commit="abc", date="2026-01-01")
+    build_all(tmp_path / "raw", tmp_path / "runs", whole, **common, git_commit="abc", date="2026-01-01")
+    for a, b in zip(outputs(staged), outputs(whole)):
+        assert a.exists() and b.exists(), (a, b)
+        if a.suffix != ".png":  # PNGs carry matplotlib metadata; their content is the same tables
+            assert a.read_text() == b.read_text(), a.name
 
 
 # --------------------------------------------------------------------------- metrics.json / curves.csv (DVC)

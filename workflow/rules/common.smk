@@ -1,10 +1,13 @@
-# Shared helpers: the run grid the params define, the raw-result paths (mow/runs.py), the
-# MoW variants each scale runs, and the per-scale job resources.
+# Shared helpers: the run grid the params define, the run-folder and raw-result paths
+# (mow/runs.py), the MoW variants and suites a run covers, and the per-scale job resources.
 
-# Wildcards are single path components: a protocol, variant or game never spans a "/".
+# Wildcards are single path components: a protocol, variant or task never spans a "/".
 wildcard_constraints:
+    suite=r"[a-z]+",
     protocol=r"[A-Za-z0-9_]+",
+    method=r"[a-z]+",
     variant=r"[A-Za-z0-9_]+",
+    task=r"[A-Za-z0-9_\-]+",
     game=r"[A-Za-z0-9_]+",
     seed=r"\d+",
 
@@ -13,13 +16,34 @@ def atari_protocols():
     return [name for name, proto in P["protocols"].items() if proto["suite"] == "atari"]
 
 
+def mow_suites():
+    """The suites MoW runs on: Atari always, Meta-World when params.yaml declares the suite."""
+    return [s for s in ("atari", "metaworld") if s in P["suites"]]
+
+
+def suite_protocol(suite):
+    """The protocol MoW is trained and evaluated under: `protocol:` for Atari, else the suite's first."""
+    if suite == "atari":
+        return P["protocol"]
+    return next(name for name, proto in P["protocols"].items() if proto["suite"] == suite)
+
+
 def raw_result(suite, protocol, method, variant, task, seed):
     return f"results/raw/{SCALE}/{suite}/{protocol}/{method}/{variant}/{task}/seed{seed}.json"
 
 
-def mow_run_dir(protocol, variant, seed, suite="atari"):
-    """The run folder of one MoW training (every task of the suite together, task `all`)."""
-    return f"runs/{SCALE}/{suite}/{protocol}/mow/{variant}/all/seed{seed}"
+def run_dir(suite, protocol, method, variant, task, seed):
+    """One training's folder (mow.runs.RunSpec.run_dir); a MoW run trains every task (task `all`)."""
+    return f"runs/{SCALE}/{suite}/{protocol}/{method}/{variant}/{task}/seed{seed}"
+
+
+def trained_model(wildcards):
+    """The model file an evaluation job reads: the task's own run, or MoW's joint run."""
+    from mow.runs import MULTITASK_METHODS
+
+    task = "all" if wildcards.method in MULTITASK_METHODS else wildcards.task
+    run = run_dir(wildcards.suite, wildcards.protocol, wildcards.method, wildcards.variant, task, wildcards.seed)
+    return f"{run}/model.ckpt"
 
 
 def storm_results(protocols=None):
@@ -30,68 +54,84 @@ def storm_results(protocols=None):
             for seed in P["seeds"]]
 
 
-# Which MoW variants a scale runs (on the default protocol `P["protocol"]` only; STORM runs
-# every Atari protocol):
-#   paper: every variant under `variants:` in params.yaml (full + the ablations and sweeps);
-#   smoke (and any other scale): `full` only, plus those named by the config key
-#   `ablations` (a list, a comma-separated string, or `all`), e.g.
-#       snakemake --cores all --config ablations=[no_experts,single_vae]
-#       snakemake --cores all --config ablations=all
-# `ablations` is a pipeline option, not a parameter: the Snakefile takes it out of the
-# config before params.yaml is validated (its schema allows no unknown key).
+# Which MoW variants run (on the default protocol `P["protocol"]` only; STORM runs every
+# Atari protocol): every variant under `variants:` in params.yaml (full + the ablations and
+# sweeps) at every scale, so the smoke scale exercises each one. The pipeline option
+# `ablations` narrows that: `none` (full only) or a list, e.g.
+#     snakemake --cores all --config ablations=none
+#     snakemake --cores all --config ablations=[no_experts,single_vae]
+# It is not a parameter: the Snakefile takes it out of the config before params.yaml is
+# validated (its schema allows no unknown key). Meta-World runs the full variant only.
 def mow_variants():
-    if SCALE == "paper":
-        return list(P["variants"])
-    extra = ABLATIONS or []
+    extra = ABLATIONS if ABLATIONS is not None else "all"
     if isinstance(extra, str):
-        extra = list(P["variants"]) if extra == "all" else [v for v in extra.split(",") if v]
+        extra = {"all": list(P["variants"]), "none": []}.get(extra, [v for v in extra.split(",") if v])
     unknown = [v for v in extra if v not in P["variants"]]
     if unknown:
         raise ValueError(f"config ablations: unknown variant(s) {', '.join(map(str, unknown))} "
-                         f"(valid: {', '.join(P['variants'])})")
+                         f"(valid: {', '.join(P['variants'])}, or all / none)")
     return ["full", *[v for v in dict.fromkeys(extra) if v != "full"]]
 
 
-def mow_results(variants=None, protocol=None):
-    """Every MoW raw file of the given variants: each Atari game x seed on one protocol."""
-    protocol = protocol or P["protocol"]
-    return [raw_result("atari", protocol, "mow", variant, game, seed)
-            for variant in (variants or mow_variants())
-            for game in P["suites"]["atari"]["tasks"]
-            for seed in P["seeds"]]
+def mow_runs(suite="atari"):
+    """(protocol, variant, seed) of every MoW training on `suite`."""
+    variants = mow_variants() if suite == "atari" else ["full"]
+    return [(suite_protocol(suite), variant, seed) for variant in variants for seed in P["seeds"]]
+
+
+def mow_results(suite="atari"):
+    """Every MoW raw file on `suite`: each task x variant x seed."""
+    return [raw_result(suite, protocol, "mow", variant, task, seed)
+            for protocol, variant, seed in mow_runs(suite)
+            for task in P["suites"][suite]["tasks"]]
 
 
 def mow_side_files():
-    """What the report's MoW figures read: the full run with the lowest seed (mow.results.mow_side_file)."""
-    run = mow_run_dir(P["protocol"], "full", min(P["seeds"]))
+    """What the MoW figures read: the full Atari run with the lowest seed (mow.results.mow_side_file)."""
+    run = run_dir("atari", P["protocol"], "mow", "full", "all", min(P["seeds"]))
     return [f"{run}/warmup/clusters.json", f"{run}/routing.json", f"{run}/imagination.npz"]
 
 
-def report_outputs():
-    """The tables, DVC summaries, figures and REPORT.md that `mow report` writes (mow.results.outputs())."""
-    from mow.results import outputs
-
-    return [str(path) for path in outputs("results")]
+def aggregate_inputs():
+    """The raw files the results stages read: STORM on the default protocol, MoW on every suite."""
+    return [*storm_results([P["protocol"]]), *(raw for suite in mow_suites() for raw in mow_results(suite))]
 
 
-# The report rule's outputs, annotated for `snakemake --report report.html` (after a run):
-# captions in workflow/report/; figures under "Figures", the CSV tables and DVC summaries
-# under "Tables", REPORT.md under "Report".
-def captioned_report_outputs():
+# The results stages' outputs (names fixed in mow.results), annotated for `snakemake --report
+# report.html` (after a run): captions in workflow/report/; figures under "Figures", the CSV
+# tables and DVC summaries under "Tables", REPORT.md under "Report".
+def _caption(name):
+    return "../report/{}.rst".format(name)  # relative to this file (workflow/rules/)
+
+
+def table_outputs():
     from snakemake.io import report as annotate  # a bare `report` opens the report: directive here
 
-    from mow.results import FIGURES, REPORT, SUMMARIES, TABLES
+    from mow.results import SUMMARIES, TABLES
 
-    caption = "../report/{}.rst".format  # relative to this file (workflow/rules/)
     return [
-        *(annotate(f"results/{name}", caption=caption("tables"), category="Tables", subcategory="Results tables",
-                 labels={"file": name}) for name in TABLES),
-        *(annotate(f"results/{name}", caption=caption("summaries"), category="Tables", subcategory="DVC summaries",
-                 labels={"file": name}) for name in SUMMARIES),
-        *(annotate(f"results/figures/{name}", caption=caption(name), category="Figures", labels={"figure": name})
-          for name in FIGURES),
-        annotate(f"results/{REPORT}", caption=caption("report"), category="Report", labels={"file": REPORT}),
+        *(annotate(f"results/{name}", caption=_caption("tables"), category="Tables", subcategory="Results tables",
+                   labels={"file": name}) for name in TABLES),
+        *(annotate(f"results/{name}", caption=_caption("summaries"), category="Tables", subcategory="DVC summaries",
+                   labels={"file": name}) for name in SUMMARIES),
     ]
+
+
+def figure_outputs():
+    from snakemake.io import report as annotate
+
+    from mow.results import FIGURES
+
+    return [annotate(f"results/figures/{name}", caption=_caption(name), category="Figures", labels={"figure": name})
+            for name in FIGURES]
+
+
+def report_output():
+    from snakemake.io import report as annotate
+
+    from mow.results import REPORT
+
+    return annotate(f"results/{REPORT}", caption=_caption("report"), category="Report", labels={"file": REPORT})
 
 
 # Per-job resources, by scale. runtime is in minutes, mem_mb in MB, gpu a count (the SLURM
@@ -106,4 +146,6 @@ TRAIN_RESOURCES = dict(mem_mb=32000, runtime=600, gpu=1) if PAPER else dict(mem_
 MOW_TRAIN_RESOURCES = dict(mem_mb=128000, runtime=7 * 1440, gpu=1) if PAPER else dict(mem_mb=6000, runtime=30, gpu=0)
 COLLECT_RESOURCES = dict(mem_mb=16000, runtime=60, gpu=0) if PAPER else dict(mem_mb=2000, runtime=10, gpu=0)
 WARMUP_RESOURCES = dict(mem_mb=32000, runtime=240, gpu=1) if PAPER else dict(mem_mb=4000, runtime=10, gpu=0)
+# Evaluation plays the protocol's episodes (100 at most) with a loaded model: one GPU helps.
+EVAL_RESOURCES = dict(mem_mb=16000, runtime=120, gpu=1) if PAPER else dict(mem_mb=2000, runtime=10, gpu=0)
 REPORT_RESOURCES = dict(mem_mb=8000, runtime=60, gpu=0) if PAPER else dict(mem_mb=2000, runtime=10, gpu=0)

@@ -1,18 +1,54 @@
-# The last rule: every table, figure and REPORT.md (names fixed in mow.results: TABLES,
-# FIGURES, REPORT), regenerated from the raw per-seed files of the default protocol
-# (`protocol:` in params.yaml): STORM on every game and seed, and MoW in every variant the
-# scale runs (mow_variants() in common.smk: paper = all variants, smoke = full plus
-# `--config ablations=...`). The MoW figures also read the full run's side files.
-# Users name its outputs as targets, e.g. `snakemake --cores all results/atari_table.csv`.
+# The results stages, each regenerating fixed file names (mow.results) from what the runs
+# wrote. Users name their outputs as targets, e.g.
+#   snakemake --cores all results/atari_table.csv
+#   aggregate: every table and DVC summary from the raw per-seed files of the default Atari
+#              protocol (STORM on every game and seed, MoW in every variant that ran) and of
+#              Meta-World;
+#   figures:   every figure from the tables, the raw files and the full MoW run's side files;
+#   report:    REPORT.md, the paper's numbers beside the reproduced ones, from the tables.
+
+
+rule aggregate:
+    input:
+        raws=aggregate_inputs(),
+    output:
+        table_outputs(),
+    log:
+        f"logs/{SCALE}/aggregate.log",
+    threads: 1
+    resources:
+        **REPORT_RESOURCES,
+    params:
+        scale=SCALE,
+        protocol=P["protocol"],
+    shell:
+        "{MOW} aggregate --scale {params.scale} --protocol {params.protocol} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        tables=rules.aggregate.output,
+        side=mow_side_files(),
+    output:
+        figure_outputs(),
+    log:
+        f"logs/{SCALE}/figures.log",
+    threads: 1
+    resources:
+        **REPORT_RESOURCES,
+    params:
+        scale=SCALE,
+        protocol=P["protocol"],
+    shell:
+        "{MOW} figures --scale {params.scale} --protocol {params.protocol} > {log} 2>&1"
 
 
 rule report:
     input:
-        storm=storm_results([P["protocol"]]),
-        mow=mow_results(),
-        side=mow_side_files(),
+        tables=rules.aggregate.output,
+        figures=rules.figures.output,  # REPORT.md links every figure
     output:
-        captioned_report_outputs(),   # report_outputs() with captions (common.smk)
+        report_output(),
     log:
         f"logs/{SCALE}/report.log",
     threads: 1

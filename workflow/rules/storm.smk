@@ -1,10 +1,10 @@
-# Single-task STORM baselines: one job per (protocol, game, seed); training ends with the
-# protocol's evaluation, whose raw per-episode JSON is the rule's output.
+# Single-task STORM baselines: one training per (protocol, game, seed) on Atari, on every
+# Atari protocol; each model is evaluated by the evaluate rule (evaluate.smk).
 
 
 rule train_storm:
     output:
-        raw=f"results/raw/{SCALE}/atari/{{protocol}}/storm/full/{{game}}/seed{{seed}}.json",
+        model=f"runs/{SCALE}/atari/{{protocol}}/storm/full/{{game}}/seed{{seed}}/model.ckpt",
     log:
         f"logs/{SCALE}/train_storm/{{protocol}}/{{game}}/seed{{seed}}.log",
     threads: TRAIN_THREADS
@@ -17,4 +17,4 @@ rule train_storm:
         # would be a rerun trigger, so a checkout on another machine would redo every job.
         "{MOW} train --suite atari --method storm --game {wildcards.game} --seed {wildcards.seed} "
         "--protocol {wildcards.protocol} --scale {params.scale} --set train.threads={threads} "
-        "--no-progress > {log} 2>&1"
+        "--no-eval --no-progress > {log} 2>&1"
