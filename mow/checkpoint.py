@@ -6,6 +6,11 @@ is fsync'ed and then renamed over the target, so a killed writer never leaves a 
 that looks complete. Loading verifies the checksum and uses `torch.load(weights_only=True)`,
 so a tampered or truncated file is reported by path and never unpickled. The previous
 good checkpoint is kept as `<name>.prev` and used when the newest one is damaged.
+
+`save` writes and syncs the new file *before* it touches the old one, so a full disk or an
+unwritable folder ends with a `CheckpointWriteError` naming the path and the previous
+checkpoint exactly as it was. `MOW_TEST_KILL_DURING_SAVE` is a test hook (see
+`_test_kill_point`): the fault-injection tests use it to SIGKILL a writer mid-write.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,26 @@ _HEADER = len(MAGIC) + 32
 
 class CheckpointError(RuntimeError):
     """A missing, damaged or incompatible checkpoint; the message names the path."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing failed (disk full, read-only or missing folder); the old checkpoint is untouched."""
+
+
+_saves: dict[str, int] = {}  # per file name, for the test hook below
+
+
+def _test_kill_point(path: Path, phase: str) -> None:
+    """TEST HOOK, inert unless MOW_TEST_KILL_DURING_SAVE=<file name>:<n>:<phase> is set:
+    SIGKILL this process at `phase` of the n-th save of a file with that name, where phase
+    is `write` (half the new bytes are in the temporary file) or `rotate` (the old file has
+    become `.prev`, the new one is not renamed yet). A signal cannot be caught, so the
+    process dies exactly as under a preemption or the OOM killer."""
+    hook = os.environ.get("MOW_TEST_KILL_DURING_SAVE")
+    if hook:
+        name, n, when = hook.split(":")
+        if name == path.name and when == phase and _saves.get(path.name) == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _to_safe(obj: Any) -> Any:
@@ -50,28 +76,54 @@ def _from_safe(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the complete new one."""
-    path = Path(path)
+def _write_temp(path: Path, data: bytes) -> Path:
+    """`data` in a synced temporary file next to `path` (same file system: rename is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # temporaries a killed writer left behind would pile up (GBs at paper scale)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            half = len(data) // 2
+            fh.write(data[:half])
+            if os.environ.get("MOW_TEST_KILL_DURING_SAVE"):
+                fh.flush()
+                _test_kill_point(path, "write")
+            fh.write(data[half:])
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    return tmp
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make renames in `folder` durable."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the complete new one."""
+    path = Path(path)
+    try:
+        tmp = _write_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:  # name the file the user knows, not the temporary
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    _sync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -101,9 +153,21 @@ def save(path: Path | str, obj: Any, *, keep_previous: bool = True) -> str:
     """Atomically write `obj`; the replaced file becomes `<path>.prev`. Returns the payload sha256."""
     path = Path(path)
     data = encode(obj)
-    if keep_previous and path.exists():
-        os.replace(path, previous_path(path))
-    atomic_write_bytes(path, data)
+    _saves[path.name] = _saves.get(path.name, 0) + 1
+    try:
+        tmp = _write_temp(path, data)  # the new bytes are complete and synced before the old file moves
+    except OSError as exc:
+        kept = f"; {path} is unchanged" if path.exists() else ""
+        raise CheckpointWriteError(f"{path}: cannot write checkpoint ({exc.strerror or exc}){kept}") from None
+    try:
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
+            _test_kill_point(path, "rotate")  # killed here, load_latest finds `.prev`
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"{path}: cannot replace checkpoint ({exc.strerror or exc})") from None
+    _sync_dir(path.parent)
     return data[len(MAGIC):_HEADER].hex()
 
 

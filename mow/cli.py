@@ -10,9 +10,11 @@
     mow aggregate | figures | report          results tables, figures, REPORT.md (report --all: all three)
     mow params                                parameter counts per component (MoW, STORM, 26 STORMs)
     mow bench                                 throughput benchmark, written as JSON
+    mow sync-mlflow [RUN_DIR ...]             send MLflow calls spooled while the store was down
 
 Bad input ends with one line `mow: error: ...` naming the key, file or value, exit code 2,
-and nothing written.
+and nothing written. A failure while running (a diverged loss, a full disk, an unwritable
+folder, an MLflow store still down for `sync-mlflow`) is one line too, exit code 1.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from mow.config import ConfigError, load_params
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 class UsageError(ValueError):
@@ -52,8 +55,15 @@ def _run_args(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     p.add_argument("--results-root", default="results/raw", type=Path)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors as one line too (it prints the whole usage block otherwise)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"mow: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="mow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train (or resume) one run, then evaluate it")
@@ -89,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench/bench.json"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--imag-batch", type=int, default=None, help="override the imagination batch (scaled to the full batch)")
+
+    p = sub.add_parser("sync-mlflow", help="send MLflow calls spooled while the store was down")
+    p.add_argument("paths", nargs="*", type=Path, default=[Path("runs")],
+                   help="run folders or mlflow_spool.jsonl files (default: every spool under runs/)")
 
     from mow.results import cli as results_cli
 
@@ -370,21 +384,69 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "collect": cmd_collect, "pretrain": cmd_pretrain, "cluster": cmd_cluster,
+def cmd_sync_mlflow(args) -> int:
+    from mow.tracking import sync_spools, tracking_uri
+
+    try:
+        done = sync_spools(args.paths)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    for spool, count in done:
+        print(f"{spool}: sent {count} spooled calls to {tracking_uri()}")
+    if not done:
+        print("no spooled MLflow calls")
+    return 0
+
+
+def _interrupt_on_sigterm() -> None:
+    """SLURM, Snakemake and `kill` stop a job with SIGTERM, which would end Python without
+    unwinding: as KeyboardInterrupt the trainer marks its MLflow run KILLED, not RUNNING forever."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test harness thread)
+        pass
+
+
+COMMANDS = {"sync-mlflow": cmd_sync_mlflow, "train": cmd_train, "collect": cmd_collect, "pretrain": cmd_pretrain, "cluster": cmd_cluster,
             "evaluate": cmd_evaluate, "params": cmd_params, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mow.checkpoint import CheckpointError
+    from mow.checkpoint import CheckpointError, CheckpointWriteError
+    from mow.tracking import StoreUnavailable
 
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "collect", "pretrain", "cluster"):
+        _interrupt_on_sigterm()
     try:
         if args.command not in COMMANDS:  # subcommands that bring their own handler (report)
             return args.func(args)
         return COMMANDS[args.command](args)
+    except CheckpointWriteError as exc:
+        print(f"mow: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except (ConfigError, UsageError, CheckpointError) as exc:
         print(f"mow: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a full disk or an unwritable folder outside the checkpoint writer
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mow: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except StoreUnavailable as exc:
+        print(f"mow: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:
+        from mow.train import TrainingDiverged
+
+        if isinstance(exc, TrainingDiverged):
+            print(f"mow: error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ exactly the weights an uninterrupted run would have.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -65,6 +64,14 @@ class MetricAccumulator:
             self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.counts[k] = self.counts.get(k, 0) + 1
 
+    def nonfinite(self) -> list[str]:
+        """Names whose accumulated value is NaN or Inf (one host sync; a NaN stays NaN in a sum)."""
+        if not self.sums:
+            return []
+        keys = list(self.sums)
+        finite = torch.isfinite(torch.stack([self.sums[k] for k in keys])).cpu().tolist()
+        return [k for k, ok in zip(keys, finite) if not ok]
+
     def pop(self) -> dict[str, float]:
         if not self.sums:
             return {}
@@ -109,6 +116,7 @@ class Trainer:
         self.obs = self.envs.reset(seed=spec.seed * 1000)
         self.mlflow_run_id: str | None = None
         self.metrics = MetricAccumulator()
+        self.saved_step: int | None = None  # env step of the newest complete checkpoint
 
     # -- what differs between the single-task and the multi-task agent ------------------
     num_tasks = 1
@@ -161,14 +169,17 @@ class Trainer:
             "actor_critic": self.ac.state_dict(), "wm_opt": self.wm_opt.state_dict(), "ac_opt": self.ac_opt.state_dict(),
             "replay": self.replay.state_dict(), "context": self.context.state_dict(), "envs": self.envs.get_state(),
             "obs": self.obs, "rng": rng_state(), "action_rng": self.action_rng.bit_generator.state,
-            "mlflow_run_id": self.mlflow_run_id,
+            "mlflow_run_id": self.mlflow_run_id, "action_space": str(self.envs.single_action_space),
         }
 
     def _state_file(self) -> Path:
         return state_path(self.run_dir)
 
     def save(self) -> None:
+        # never let weights a NaN/Inf loss already reached replace the last good checkpoint
+        self._check_finite(self.metrics.nonfinite())
         checkpoint.save(self._state_file(), self._state())
+        self.saved_step = self.step
 
     def restore(self) -> bool:
         found = checkpoint.load_latest(self._state_file(), warn=self.log)
@@ -177,14 +188,23 @@ class Trainer:
         state, path = found
         if state.get("format") != CHECKPOINT_FORMAT:
             raise checkpoint.CheckpointError(f"{path}: checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
-        if state["spec"] != asdict(self.spec):
-            raise checkpoint.CheckpointError(f"{path}: written for run {state['spec']}, not {asdict(self.spec)}")
+        ours = {**asdict(self.spec), "action space": str(self.envs.single_action_space)}
+        theirs = {**state["spec"], "action space": state.get("action_space", ours["action space"])}
+        if theirs != ours:
+            diffs = ", ".join(f"{k} {theirs.get(k)} -> {v}" for k, v in ours.items() if theirs.get(k) != v)
+            raise checkpoint.CheckpointError(f"{path}: written for another run ({diffs}); "
+                                             f"use the run's own folder or delete the checkpoint")
         if state["params_hash"] != self.params.digest():  # device/threads may differ
             raise checkpoint.CheckpointError(
                 f"{path}: written with a different configuration ({config_mismatch(state['params'], self.params.to_dict())}); "
                 f"use another run folder or restore the parameters")
-        self.wm.load_state_dict(state["world_model"])
-        self.ac.load_state_dict(state["actor_critic"])
+        for name, module in (("world_model", self.wm), ("actor_critic", self.ac)):
+            try:
+                module.load_state_dict(state[name])
+            except RuntimeError as exc:  # torch lists every tensor on many lines: keep the first
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                raise checkpoint.CheckpointError(f"{path}: {name} does not fit this model "
+                                                 f"({lines[min(1, len(lines) - 1)]})") from None
         self.wm_opt.load_state_dict(state["wm_opt"])
         self.ac_opt.load_state_dict(state["ac_opt"])
         self.replay.load_state_dict(state["replay"])
@@ -195,6 +215,7 @@ class Trainer:
         self.action_rng.bit_generator.state = state["action_rng"]
         self.step, self.updates, self.update_credit = state["step"], state["updates"], state["update_credit"]
         self.mlflow_run_id = state["mlflow_run_id"]
+        self.saved_step = self.step
         self.log(f"resumed {self.spec.name} from {path} at env step {self.step}")
         return True
 
@@ -205,7 +226,7 @@ class Trainer:
         self.wm_opt.zero_grad(set_to_none=True)
         loss.backward()
         self._sync_gradients(self.wm.parameters())
-        metrics["wm/grad_norm"] = torch.nn.utils.clip_grad_norm_(self.wm.parameters(), self.cfg["wm_clip"])
+        metrics["wm/grad_norm"] = self._clip(self.wm.parameters(), self.cfg["wm_clip"], metrics, "wm")
         self.wm_opt.step()
         self.metrics.add(metrics)
 
@@ -215,12 +236,23 @@ class Trainer:
         self.ac_opt.zero_grad(set_to_none=True)
         loss.backward()
         self._sync_gradients(trainable)
-        metrics["ac/grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, self.cfg["ac_clip"])
+        metrics["ac/grad_norm"] = self._clip(trainable, self.cfg["ac_clip"], metrics, "ac")
         self.ac_opt.step()
         self.ac.update_slow_critic()
         metrics["imag/reward_mean"] = imagination.rewards.float().mean()
         metrics["imag/termination_rate"] = imagination.terminations.float().mean()
         self.metrics.add(metrics)
+
+    def _clip(self, parameters, max_norm: float, metrics: dict, prefix: str) -> torch.Tensor:
+        """Clip gradients, refusing a NaN/Inf norm before the optimiser step: stepping would
+        poison every weight, and the next imagination would fail far from the cause. A NaN
+        or Inf loss always gives such a norm. One host sync per update (the check itself)."""
+        try:
+            return torch.nn.utils.clip_grad_norm_(parameters, max_norm, error_if_nonfinite=True)
+        except RuntimeError:
+            bad = [k for k, v in metrics.items() if not bool(torch.isfinite(torch.as_tensor(v).detach()).all())]
+            self._check_finite(bad or [f"{prefix}/grad_norm"])
+            raise
 
     def _sync_gradients(self, parameters) -> None:
         """Data-parallel hook (multi-task trainer under torchrun); one process: nothing to do."""
@@ -301,8 +333,8 @@ class Trainer:
                 bar.update(n)
             if self.step - last_log_step >= cfg["log_every"] or self.step >= total:
                 now = time.perf_counter()
+                self._check_finite(self.metrics.nonfinite())
                 scalars = self.metrics.pop()
-                self._check_finite(scalars)
                 scalars["perf/env_steps_per_s"] = (self.step - last_log_step) / max(now - last_time, 1e-9)
                 scalars["perf/updates_per_s"] = (self.updates - last_updates) / max(now - last_time, 1e-9)
                 scalars["replay/size"] = len(self.replay)
@@ -321,11 +353,19 @@ class Trainer:
         if bar is not None:
             bar.close()
 
-    def _check_finite(self, scalars: dict[str, float]) -> None:
-        bad = [k for k, v in scalars.items() if not math.isfinite(v)]
-        if bad:
-            raise TrainingDiverged(f"{self.spec.name}: non-finite {', '.join(bad)} at env step {self.step}; "
-                                   f"last good checkpoint kept at {self._state_file()}")
+    def _check_finite(self, bad: list[str]) -> None:
+        """Stop on NaN/Inf metrics (checked at every log and before every checkpoint), naming
+        the step, the task(s) and the losses; the newest checkpoint predates them."""
+        if not bad:
+            return
+        tasks = getattr(self, "tasks", (self.spec.task,))
+        named = [t for t in tasks if any(k.endswith(f"/{t}") for k in bad)]
+        where = f"task {', '.join(named)}" if named else (f"task {tasks[0]}" if len(tasks) == 1 else
+                                                          f"a batch mixing tasks {', '.join(tasks)}")
+        kept = (f"last good checkpoint {self._state_file()} (env step {self.saved_step}) is kept"
+                if self.saved_step is not None else "no checkpoint was written")
+        raise TrainingDiverged(f"{self.spec.name}: training diverged at env step {self.step} ({where}): "
+                               f"non-finite {', '.join(sorted(bad))}; {kept}")
 
     def _write_model(self) -> None:
         checkpoint.save(model_path(self.run_dir), {

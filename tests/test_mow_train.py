@@ -154,19 +154,8 @@ def _nothing_written(project: Path) -> None:
     assert not (project / "results").exists()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--set", "suites.sanity.tasks=[side, side]"], "suites.sanity.tasks"),
-    (["--set", "model.mow.top_k=4"], "model.mow.top_k: 4 exceeds model.mow.num_experts 3"),
-    (["--set", "suites.sanity.tasks=[side]"], "model.mow.num_clusters: 2 clusters for 1 tasks"),
-    (["--task", "side"], "--task: mow trains every task"),
-    (["--variant", "bogus"], "variant: unknown variant 'bogus'"),
-])
-def test_bad_mow_input_is_one_line_and_writes_nothing(project, extra, message):
-    res = run_mow(["train", "--suite", "sanity", "--method", "mow", "--no-track", *extra], cwd=project)
-    assert res.returncode == 2, res.stderr[-2000:]
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mow: error:") and message in lines[0], res.stderr
-    _nothing_written(project)
+# Bad MoW input (duplicate tasks, top_k, N_m above the task count, --task, unknown variant)
+# is in the in-process corpus tests/faults/test_bad_input.py.
 
 
 def test_a_clusters_file_for_other_tasks_is_refused_before_anything_is_written(project):
