@@ -335,28 +335,30 @@ def _evaluate_file(model: Path, jobs: list[tuple[str | None, Path]], args) -> in
     for task, out in jobs:
         record = evaluate(model, out_path=out, episodes=args.episodes, task=task, loaded=loaded)
         if not args.no_track:
-            _log_evaluation(record, Path(out), Path(model).parent)
+            _log_evaluation(record, Path(out), loaded[0], Path(model).parent)
         name = f"{record['method']}/{record['task']}/seed{record['seed']}"
         print(f"{name}: mean return {record['mean_return']:.2f} over {len(record['returns'])} episodes -> {out}")
     return 0
 
 
-def _log_evaluation(record: dict, out: Path, run_dir: Path) -> None:
+def _log_evaluation(record: dict, out: Path, payload: dict, run_dir: Path) -> None:
     """Add an evaluation to the MLflow run that trained the model (a nested child per task for MoW)."""
-    from mow.runs import MULTITASK_METHODS
+    from mow.runs import MULTITASK_METHODS, RunSpec
     from mow.tracking import Tracker
 
     if not record.get("mlflow_run_id"):
         return  # trained with --no-track: metrics.jsonl is all there is
-    tracker = Tracker.reopen(record["mlflow_run_id"], run_dir,
-                             run_name=f"{record['method']}/{'all' if record['method'] in MULTITASK_METHODS else record['task']}/seed{record['seed']}")
-    step = int(record["env_steps_trained"])
-    if record["method"] in MULTITASK_METHODS:
-        tracker.log_task_result(record["task"], _eval_metrics(record), step, out)
-    else:
-        tracker.log(_eval_metrics(record), step)
-        tracker.flush()
-        tracker.log_artifact(out, "eval")
+    spec = RunSpec(**payload["spec"])
+    tracker = Tracker(run_dir, suite=spec.suite, method=spec.method, variant=spec.variant, task=spec.task,
+                      seed=spec.seed, protocol=spec.protocol, scale=spec.scale, params_tree=payload["params"],
+                      params_hash=payload["params_hash"], resume_run_id=record["mlflow_run_id"])
+    with _closing_run(tracker):
+        step = int(record["env_steps_trained"])
+        if spec.method in MULTITASK_METHODS:
+            tracker.log_task_result(record["task"], _eval_metrics(record), step, out)
+        else:
+            tracker.log(_eval_metrics(record), step)
+            tracker.log_artifact(out, "eval")
 
 
 def cmd_params(args) -> int:

@@ -159,17 +159,6 @@ class Tracker:
             _retry(lambda: self.client.update_run(run_id, status="RUNNING"), "mark run RUNNING")
         self.run_id = run_id
 
-    @classmethod
-    def reopen(cls, run_id: str, run_dir: Path, *, run_name: str) -> "Tracker":
-        """The existing run `run_id` (e.g. to add an evaluation after training), status unchanged."""
-        self = cls.__new__(cls)
-        self.run_dir, self.metrics_path = Path(run_dir), Path(run_dir) / "metrics.jsonl"
-        self.enabled, self.run_id, self._pending, self.run_name = True, run_id, [], run_name
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri())
-        return self
-
     def _experiment(self, name: str) -> str:
         def get_or_create():
             exp = self.client.get_experiment_by_name(name)

@@ -54,7 +54,7 @@ CASES = {
     "foreign_model_file": (["evaluate", "--model", "model.pt", "--out", "out.json"], {"model.pt": "PK\3\4 zip"}, "model.pt"),
     "clusters_not_json": (MOW, {"runs/smoke/sanity/sanity/mow/full/all/seed1/warmup/clusters.json": "{\"tasks\": [\"si"},
                           "clusters.json"),
-    "truncated_raw_result": (["report", "--params", "params.yaml", "--raw-root", "raw", "--results-dir", "out"],
+    "truncated_raw_result": (["aggregate", "--params", "params.yaml", "--raw-root", "raw", "--results-dir", "out"],
                              {"raw/smoke/atari/storm_compat/storm/full/Pong/seed1.json": "{\"suite\": \"atari\", \"ret"},
                              "raw/smoke/atari/storm_compat/storm/full/Pong/seed1.json"),
     "sync_mlflow_missing_folder": (["sync-mlflow", "nowhere"], {}, "nowhere"),
