@@ -3,7 +3,8 @@
 Storage is one ring per environment stream ([rows, num_envs, ...]) kept on the training
 device, so a sampled batch is a single gather and frames stay uint8 until the model
 converts them. Actions are stored as long indices ([rows, num_envs]), or with
-`action_dim > 0` as float32 vectors ([rows, num_envs, action_dim]: Meta-World). Sampling draws from its own seeded generator, which is checkpointed.
+`action_dim > 0` as float32 vectors ([rows, num_envs, action_dim]: Meta-World).
+Sampling draws from its own seeded generator, which is checkpointed.
 """
 
 from __future__ import annotations

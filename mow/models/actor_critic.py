@@ -210,8 +210,8 @@ class MultiTaskActorCritic(nn.Module):
     action set, with each task's illegal actions masked out (their probability is exactly
     0, so they are never sampled and carry no gradient). With ``continuous`` (Meta-World)
     the shared actor is a tanh-Gaussian over the ``num_actions``-dimensional action vector
-    that every task shares: ``action_masks`` is None and ``num_tasks`` gives K. Critic i serves the tasks of
-    cluster i, like the VAEs and heads. Return normalisation is per task (decision; SPEC
+    that every task shares: ``action_masks`` is None and ``num_tasks`` gives K. Critic i
+    serves the tasks of cluster i, like the VAEs and heads. Return normalisation is per task (decision; SPEC
     leaves it open): Atari returns differ by orders of magnitude between games, so one
     global percentile range would shrink the advantages of every low-return game.
     """
