@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
+	@# Meta-World renders headless through EGL or OSMesa, system libraries pip cannot install:
+	@# say which one is missing now rather than when the first Meta-World env is built.
+	@$(BIN)/python -c 'import mow.envs.metaworld as m; print(f"Meta-World rendering: MUJOCO_GL={m.GL_BACKEND}") if m._GL_PROBLEM is None else print(f"WARNING: {m._GL_PROBLEM} (e.g. sudo apt-get install libegl1); Meta-World runs and tests will fail")'
+
 
 install: $(STAMP)
 

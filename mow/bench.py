@@ -1,5 +1,6 @@
 """Throughput benchmark: world-model updates/s, imagination rollouts/s, actor-critic
-updates/s and env steps/s, per scale and precision, on the current device; written as JSON.
+updates/s and env steps/s (Atari Pong; Meta-World with 64x64 rendering), per scale and
+precision, on the current device; written as JSON.
 
 Timings are medians over `repeats` after one warm-up call. Speed targets are judged from
 this file (ratios within one run), never by timed assertions in tests.
@@ -158,6 +159,22 @@ def bench_env(protocol: dict, seconds: float = 3.0) -> dict:
     return out
 
 
+def bench_metaworld_env(protocol: dict | None, seconds: float = 3.0) -> dict:
+    """Meta-World env steps/s of one env rendering every agent step (mow.envs.metaworld).
+
+    A machine that cannot render (no EGL/OSMesa) gets `metaworld_error` with the reason
+    instead of numbers, so the rest of the benchmark still runs.
+    """
+    repeat = int(protocol["frame_skip"]) if protocol else 1
+    try:
+        from mow.envs.metaworld import bench_metaworld
+
+        return bench_metaworld(seconds, action_repeat=repeat)
+    except (ImportError, RuntimeError) as exc:
+        print(f"bench: Meta-World skipped: {exc}", flush=True)
+        return {"metaworld_error": str(exc)}
+
+
 def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3, imag_batch: int | None = None) -> dict:
     results: dict = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -191,6 +208,9 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
     print("bench: env steps/s ...", flush=True)
     any_params = next(iter(params_by_scale.values()))
     results["env"] = bench_env(dict(any_params.protocol("storm_compat")))
+    print("bench: Meta-World env steps/s with rendering ...", flush=True)
+    mw = [dict(p) for p in any_params["protocols"].values() if p["suite"] == "metaworld"]
+    results["env"].update(bench_metaworld_env(mw[0] if mw else None))
     atomic_write_text(Path(out), json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
     return results

@@ -43,11 +43,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser, *, method: bool = True) -> None:
-    p.add_argument("--suite", default="atari", help="task suite (atari, sanity)")
+    p.add_argument("--suite", default="atari", help="task suite (atari, metaworld, sanity)")
     if method:
         p.add_argument("--method", default="storm", help="method (storm, mow)")
         p.add_argument("--task", "--game", dest="task", default=None,
-                       help="task / Atari game, e.g. Pong (STORM; MoW trains every task of the suite)")
+                       help="task / Atari game, e.g. Pong or reach-v3 (STORM; MoW trains every task of the suite)")
     p.add_argument("--variant", default="full", help="MoW variant from params.yaml `variants:` (ablations)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--protocol", default=None, help="protocol from params.yaml (default: the suite's default)")
@@ -111,16 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    return load_params(args.params, scale=args.scale, overrides=args.overrides, variant=args.variant)
+    return load_params(args.params, scale=args.scale, overrides=args.overrides, variant=args.variant,
+                       suite=getattr(args, "suite", None))
 
 
 def resolve_spec(args, params):
     from mow.envs import ATARI_GAMES, SANITY_TASKS
     from mow.runs import JOINT_TASK, METHODS, MULTITASK_METHODS, RunSpec
 
-    valid_tasks = {"atari": ATARI_GAMES, "sanity": SANITY_TASKS}
+    valid_tasks = {"atari": ATARI_GAMES, "metaworld": None, "sanity": SANITY_TASKS}
     if args.suite not in valid_tasks:
         raise UsageError(f"--suite: unknown suite '{args.suite}' (valid: {', '.join(valid_tasks)})")
+    if args.suite == "metaworld":  # imports mujoco (choosing the GL backend): only when asked for
+        from mow.envs.metaworld import MT50_TASKS
+
+        valid_tasks["metaworld"] = MT50_TASKS
     method = getattr(args, "method", "mow")
     if method not in METHODS:
         raise UsageError(f"--method: unknown method '{method}' (valid: {', '.join(METHODS)})")
@@ -139,7 +144,10 @@ def resolve_spec(args, params):
             raise UsageError(f"--task: unknown {args.suite} task '{task}' (valid: {', '.join(valid_tasks[args.suite])})")
     if args.seed < 0:
         raise UsageError(f"--seed: must be >= 0, got {args.seed}")
-    protocol = args.protocol or (params["protocol"] if args.suite == "atari" else args.suite)
+    # default: `protocol:` for Atari, else the first protocol declared for the suite
+    suite_protocols = [name for name, p in params["protocols"].items() if p["suite"] == args.suite]
+    protocol = args.protocol or (params["protocol"] if args.suite == "atari" else
+                                 (suite_protocols or [args.suite])[0])
     proto = params.protocol(protocol)
     if proto["suite"] != args.suite:
         raise UsageError(f"--protocol: '{protocol}' is a {proto['suite']} protocol, not for suite '{args.suite}'")
@@ -231,8 +239,7 @@ def _train_mow(args, params, spec) -> int:
                     continue
                 record = evaluate(model, out_path=out, task=task, loaded=loaded)
                 trainer.tracker.log_task_result(task, _eval_metrics(record), trainer.step, out)
-                print(f"mow/{task}/seed{spec.seed}: mean return {record['mean_return']:.2f} over "
-                      f"{len(record['returns'])} episodes -> {out}")
+                print(f"mow/{task}/seed{spec.seed}: {_summary(record)} -> {out}")
         trainer.tracker.set_tags({"mow.checkpoint_sha256": file_sha256(model)})
     return 0
 
@@ -249,8 +256,17 @@ def _closing_run(tracker):
 
 
 def _eval_metrics(record: dict) -> dict[str, float]:
-    return {"eval/mean_return": record["mean_return"], "eval/std_return": record["std_return"],
-            "eval/episodes": len(record["returns"])}
+    out = {"eval/mean_return": record["mean_return"], "eval/std_return": record["std_return"],
+           "eval/episodes": len(record["returns"])}
+    if "success_rate" in record:
+        out["eval/success_rate"] = record["success_rate"]
+    return out
+
+
+def _summary(record: dict) -> str:
+    """'mean return R[, success rate S] over N episodes' for the console."""
+    success = f", success rate {record['success_rate']:.2f}" if "success_rate" in record else ""
+    return f"mean return {record['mean_return']:.2f}{success} over {len(record['returns'])} episodes"
 
 
 def cmd_train(args) -> int:
@@ -273,7 +289,7 @@ def cmd_train(args) -> int:
             record = evaluate(model, out_path=out)
             trainer.tracker.log(_eval_metrics(record), trainer.step)
             trainer.tracker.log_artifact(out, "eval")
-            print(f"{spec.name}: mean return {record['mean_return']:.2f} over {len(record['returns'])} episodes -> {out}")
+            print(f"{spec.name}: {_summary(record)} -> {out}")
         trainer.tracker.set_tags({"mow.checkpoint_sha256": file_sha256(model)})
     return 0
 
@@ -336,8 +352,7 @@ def _evaluate_file(model: Path, jobs: list[tuple[str | None, Path]], args) -> in
         record = evaluate(model, out_path=out, episodes=args.episodes, task=task, loaded=loaded)
         if not args.no_track:
             _log_evaluation(record, Path(out), loaded[0], Path(model).parent)
-        name = f"{record['method']}/{record['task']}/seed{record['seed']}"
-        print(f"{name}: mean return {record['mean_return']:.2f} over {len(record['returns'])} episodes -> {out}")
+        print(f"{record['method']}/{record['task']}/seed{record['seed']}: {_summary(record)} -> {out}")
     return 0
 
 

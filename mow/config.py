@@ -2,7 +2,8 @@
 
 Resolution order: file -> `scales[<scale>]` preset -> `variants[<variant>]` preset (MoW
 ablations; a scale preset may adapt a variant's values under its own `variants:`, never add
-one) -> `--set key=value` overrides. The
+one) -> the run's suite block (`suites.<suite>.train` / `.warmup`, e.g. Meta-World's 300k
+steps per task, merged over `train:` / `warmup:`) -> `--set key=value` overrides. The
 result is checked against `workflow/schemas/params.schema.yaml` (the same schema the
 Snakefile validates with) plus the cross-key rules the schema cannot express. Every
 failure is a `ConfigError` whose one-line message names the file and the key path.
@@ -151,9 +152,23 @@ def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+SUITE_BLOCKS = ("train", "warmup")  # sections a suite may override for its own runs
+
+
+def apply_suite(tree: dict, suite: str) -> dict:
+    """`tree` with `suites.<suite>.train` / `.warmup` merged over `train:` / `warmup:`."""
+    if suite not in tree["suites"]:
+        raise ConfigError(f"unknown suite '{suite}' (valid: {', '.join(tree['suites'])})")
+    out = copy.deepcopy(tree)
+    for key in SUITE_BLOCKS:
+        out[key] = deep_merge(out[key], out["suites"][suite].get(key, {}))
+    return out
+
+
 def resolve(raw: dict, *, scale: str | None = None, overrides: Iterable[str] = (), source: str = "params.yaml",
-            variant: str = "full") -> dict:
-    """Validate the raw file and every preset, then return the resolved tree."""
+            variant: str = "full", suite: str | None = None) -> dict:
+    """Validate the raw file and every preset, then return the resolved tree (for runs of
+    `suite` when given: its train/warmup block applied)."""
     _check(raw, source)
     for name, preset in raw["scales"].items():
         added = [v for v in (preset.get("variants") or {}) if v not in raw["variants"]]
@@ -163,8 +178,10 @@ def resolve(raw: dict, *, scale: str | None = None, overrides: Iterable[str] = (
         merged = deep_merge(raw, preset)
         try:
             _check(merged, source)
+            for suite_name in merged["suites"]:
+                _check(apply_suite(merged, suite_name), f"{source} (suite {suite_name})")
         except ConfigError as exc:
-            raise ConfigError(str(exc).replace(f"{source}: ", f"{source}: scales.{name}: ", 1)) from None
+            raise ConfigError(str(exc).replace(f"{source}", f"{source}: scales.{name}", 1)) from None
         for vname, vpreset in merged["variants"].items():  # a scale may adapt a variant (smoke's sweeps)
             try:
                 _check(deep_merge(merged, vpreset), source)
@@ -182,11 +199,18 @@ def resolve(raw: dict, *, scale: str | None = None, overrides: Iterable[str] = (
     scaled = deep_merge(raw, raw["scales"][scale])
     tree = deep_merge(scaled, scaled["variants"][variant])
     tree["scale"] = scale
+    # Overrides go in before the suite block (so `--set suites.metaworld.train.x=...` counts)
+    # and again after it (so `--set train.x=...` wins over the suite's value).
     for parts, value in parsed:
         if parts != ["scale"]:
             _apply_override(tree, parts, value)
+    if suite is not None:
+        tree = apply_suite(tree, suite)
+        for parts, value in parsed:
+            if parts != ["scale"]:
+                _apply_override(tree, parts, value)
     _check(tree, f"{source} (scale={scale}{f', variant={variant}' if variant != 'full' else ''}"
-                 f"{', with --set overrides' if parsed else ''})")
+                 f"{f', suite={suite}' if suite else ''}{', with --set overrides' if parsed else ''})")
     return tree
 
 
@@ -273,7 +297,8 @@ class Params:
 
 
 def load_params(path: str | Path | None = None, *, scale: str | None = None, overrides: Iterable[str] = (),
-                variant: str = "full") -> Params:
+                variant: str = "full", suite: str | None = None) -> Params:
     path = Path(path) if path else DEFAULT_PARAMS
-    tree = resolve(_read_yaml(path), scale=scale, overrides=overrides, source=str(path), variant=variant)
+    tree = resolve(_read_yaml(path), scale=scale, overrides=overrides, source=str(path), variant=variant,
+                   suite=suite)
     return Params(tree=freeze(tree), source=str(path))

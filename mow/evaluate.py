@@ -4,6 +4,13 @@ Episodes are split evenly over `eval_envs` parallel envs and each env plays exac
 quota (taking the first N episodes to finish would favour short episodes). Envs are built
 without the life-loss signal; the policy samples or acts greedily as the protocol says.
 Returns include the final step's reward (the official STORM logger drops it).
+
+Suites whose envs report a success flag (Meta-World, protocol `metaworld_mt50`) also get,
+per episode, `success` = the flag was set at any step of the episode, and in the record
+`successes` (0/1 per episode) and `success_rate` (their mean); the report's aggregate is
+the mean over tasks of the per-task success rate. Meta-World episodes walk the task's 50
+MT50 goals in order: episode e (counted over all eval envs, env by env) plays goal
+e mod 50, so `eval_episodes: 50` evaluates every goal once.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch
 
 from mow import checkpoint
 from mow.config import Params, freeze
-from mow.envs import make_env
+from mow.envs import SUCCESS_SUITES, action_spec, make_env
 from mow.envs.vector import VectorEnv
 from mow.policy import ContextWindow, Policy, random_actions
 from mow.runs import MULTITASK_METHODS, RunSpec
@@ -37,13 +44,14 @@ def load_model(path: Path | str, device: torch.device):
     """Rebuild the world model and actor-critic of a final model file (checksum verified)."""
     payload = checkpoint.load(path)
     params = Params(tree=freeze(payload["params"]), source=str(path))
+    continuous = payload.get("continuous", False)  # model files of discrete-only versions lack it
     if payload["spec"]["method"] in MULTITASK_METHODS:
         from mow.train_mow import build_mow_models
 
         wm, ac = build_mow_models(params, payload["spec"]["suite"], payload["tasks"], payload["num_actions"],
-                                  payload["clusters"], device)
+                                  payload["clusters"], device, continuous)
     else:
-        wm, ac = build_models(params, payload["num_actions"], device)
+        wm, ac = build_models(params, payload["num_actions"], device, continuous)
     wm.load_state_dict(payload["world_model"])
     ac.load_state_dict(payload["actor_critic"])
     wm.eval()
@@ -59,31 +67,41 @@ def episode_quotas(episodes: int, envs: int) -> np.ndarray:
 
 
 def run_episodes(policy: Policy, envs: VectorEnv, quotas: np.ndarray, *, greedy: bool, seed: int,
-                 act_context: int, runtime, legal: np.ndarray | None = None) -> list[dict]:
+                 act_context: int, runtime, legal: np.ndarray | None = None, success: bool = False) -> list[dict]:
     """Play each env's quota of episodes; `legal` (bool [num_actions]) limits the random
-    first action of a multi-task agent to its task's actions."""
+    first action of a multi-task agent to its task's actions. With `success` each episode
+    also records whether the env's success flag was set at any of its steps, and envs
+    with goals (Meta-World) record the episode's goal index."""
     n = envs.num_envs
     rng = np.random.default_rng(seed)
-    num_actions = int(envs.single_action_space.n)
-    context = ContextWindow(n, act_context, envs.single_observation_space.shape, runtime.device)
+    num_actions, continuous = action_spec(envs.single_action_space)
+    context = ContextWindow(n, act_context, envs.single_observation_space.shape, runtime.device,
+                            num_actions if continuous else 0)
     obs = envs.reset(seed=seed)
+    goals = [getattr(env, "goal", None) for env in envs.envs]  # goal of each env's running episode
     done = np.zeros(n, dtype=int)
     episodes: list[dict] = []
     while (done < quotas).any():
         obs_t = torch.from_numpy(obs).to(runtime.device)
         actions = policy(context, obs_t, greedy=greedy)
         if actions is None:
-            actions = (random_actions(rng, n, num_actions) if legal is None
+            actions = (random_actions(rng, n, num_actions, continuous) if legal is None
                        else rng.choice(np.flatnonzero(legal), size=n))
         else:
             actions = actions.cpu().numpy()
         out = envs.step(actions)
-        context.push(obs_t, torch.from_numpy(np.asarray(actions, dtype=np.int64)).to(runtime.device))
+        context.push(obs_t, torch.from_numpy(np.asarray(actions)).to(runtime.device))
         obs = out.obs
-        for i, ret, length in out.finished:
+        for (i, ret, length), ok in zip(out.finished, out.finished_success, strict=True):
             if done[i] < quotas[i]:
-                episodes.append({"env": int(i), "return": float(ret), "length": int(length)})
+                episode = {"env": int(i), "return": float(ret), "length": int(length)}
+                if success:
+                    episode["success"] = bool(ok)
+                if goals[i] is not None:
+                    episode["goal"] = int(goals[i])
+                episodes.append(episode)
                 done[i] += 1
+            goals[i] = getattr(envs.envs[i], "goal", None)  # auto-reset started the next episode
     return episodes
 
 
@@ -110,14 +128,23 @@ def evaluate(model_file: Path | str, *, out_path: Path | str, episodes: int | No
     seed = spec.seed + EVAL_SEED_OFFSET
     envs = VectorEnv([partial(make_env, spec.suite, spec.task, protocol, seed=seed + i, train=False,
                               full_action_space=multitask) for i in range(len(quotas))])
+    if spec.suite == "metaworld":  # walk the MT50 goals: episode e plays goal e mod 50
+        from mow.envs.metaworld import GOALS_PER_TASK
+
+        first = np.concatenate([[0], np.cumsum(quotas)[:-1]])
+        for env, start, quota in zip(envs.envs, first, quotas):
+            env.set_goal_sequence([(start + j) % GOALS_PER_TASK for j in range(quota)])
     task_ids = None
     if multitask:
         task_ids = torch.full((len(quotas),), payload["tasks"].index(task), dtype=torch.long, device=runtime.device)
     policy = Policy(wm, ac, runtime, act_latent=params["train"]["act_latent"], task_ids=task_ids)
+    reports_success = spec.suite in SUCCESS_SUITES
     try:
         eps = run_episodes(policy, envs, quotas, greedy=protocol["eval_policy"] == "greedy", seed=seed,
                            act_context=params["train"]["act_context"], runtime=runtime,
-                           legal=ac.action_masks[task_ids[0]].cpu().numpy() if multitask else None)
+                           legal=(ac.action_masks[task_ids[0]].cpu().numpy()
+                                  if multitask and ac.action_masks is not None else None),
+                           success=reports_success)
     finally:
         envs.close()
     returns = [e["return"] for e in eps]
@@ -128,6 +155,8 @@ def evaluate(model_file: Path | str, *, out_path: Path | str, episodes: int | No
         "policy": protocol["eval_policy"], "env_steps_trained": payload["env_steps"],
         "episodes": eps, "returns": returns, "lengths": [e["length"] for e in eps],
         "mean_return": float(np.mean(returns)), "std_return": float(np.std(returns)),
+        **({"successes": [int(e["success"]) for e in eps],
+            "success_rate": float(np.mean([e["success"] for e in eps]))} if reports_success else {}),
         "checkpoint": str(model_file), "checkpoint_sha256": checkpoint.file_sha256(model_file),
         "params_hash": payload["params_hash"], "mlflow_run_id": payload.get("mlflow_run_id"),
         "git_commit": git_commit(), "host": platform.node(), "device": str(runtime.device),

@@ -15,18 +15,21 @@ import torch
 
 
 class ContextWindow:
-    """The last `length` (frame, action) pairs of every env, on the model's device."""
+    """The last `length` (frame, action) pairs of every env, on the model's device; actions
+    are long indices, or float32 vectors of `action_dim` > 0 (continuous actions)."""
 
-    def __init__(self, num_envs: int, length: int, obs_shape: tuple[int, ...], device: torch.device):
+    def __init__(self, num_envs: int, length: int, obs_shape: tuple[int, ...], device: torch.device,
+                 action_dim: int = 0):
         self.obs = torch.zeros((num_envs, length, *obs_shape), dtype=torch.uint8, device=device)
-        self.actions = torch.zeros((num_envs, length), dtype=torch.long, device=device)
+        shape, dtype = ((action_dim,), torch.float32) if action_dim else ((), torch.long)
+        self.actions = torch.zeros((num_envs, length, *shape), dtype=dtype, device=device)
         self.count = 0
 
     def push(self, obs: torch.Tensor, actions: torch.Tensor) -> None:
         self.obs = torch.roll(self.obs, -1, dims=1)
         self.actions = torch.roll(self.actions, -1, dims=1)
         self.obs[:, -1] = obs
-        self.actions[:, -1] = actions
+        self.actions[:, -1] = actions.to(self.actions.dtype)
         self.count = min(self.count + 1, self.obs.shape[1])
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +63,8 @@ class Policy:
 
     @torch.no_grad()
     def __call__(self, context: ContextWindow, current_obs: torch.Tensor, *, greedy: bool) -> torch.Tensor | None:
-        """Actions [N] on the device, or None while the context is empty (caller acts randomly)."""
+        """Actions [N] ([N, A] continuous) on the device, or None while the context is empty
+        (caller acts randomly)."""
         if context.count == 0:
             return None
         obs_ctx, act_ctx = context.view()
@@ -80,5 +84,9 @@ class Policy:
             self.wm.train(was_training)
 
 
-def random_actions(rng: np.random.Generator, num_envs: int, num_actions: int) -> np.ndarray:
+def random_actions(rng: np.random.Generator, num_envs: int, num_actions: int, continuous: bool = False) -> np.ndarray:
+    """Uniform random actions: indices in [0, num_actions), or float32 vectors uniform in
+    [-1, 1]^num_actions when `continuous` (the Box(-1, 1) of Meta-World)."""
+    if continuous:
+        return rng.uniform(-1.0, 1.0, size=(num_envs, num_actions)).astype(np.float32)
     return rng.integers(0, num_actions, size=num_envs)

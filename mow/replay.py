@@ -2,7 +2,9 @@
 
 Storage is one ring per environment stream ([rows, num_envs, ...]) kept on the training
 device, so a sampled batch is a single gather and frames stay uint8 until the model
-converts them. Sampling draws from its own seeded generator, which is checkpointed.
+converts them. Actions are stored as long indices ([rows, num_envs]), or with
+`action_dim > 0` as float32 vectors ([rows, num_envs, action_dim]: Meta-World).
+Sampling draws from its own seeded generator, which is checkpointed.
 """
 
 from __future__ import annotations
@@ -16,18 +18,22 @@ import torch
 @dataclass
 class Batch:
     obs: torch.Tensor          # uint8 [B, T, H, W, C]
-    actions: torch.Tensor      # long [B, T]
+    actions: torch.Tensor      # long [B, T], or float32 [B, T, A] for continuous actions
     rewards: torch.Tensor      # float32 [B, T]
     terminations: torch.Tensor  # float32 [B, T]
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], *, device: torch.device | str = "cpu", seed: int = 0):
+    def __init__(self, capacity: int, num_envs: int, obs_shape: tuple[int, ...], *, device: torch.device | str = "cpu", seed: int = 0,
+                 action_dim: int = 0):
         self.rows = max(1, capacity // num_envs)
         self.num_envs = num_envs
         self.device = torch.device(device)
         self.obs = torch.zeros((self.rows, num_envs, *obs_shape), dtype=torch.uint8, device=self.device)
-        self.actions = torch.zeros((self.rows, num_envs), dtype=torch.long, device=self.device)
+        self.action_dim = action_dim  # 0: discrete action indices
+        action_shape, dtype = ((action_dim,), torch.float32) if action_dim else ((), torch.long)
+        self._action_np = np.float32 if action_dim else np.int64
+        self.actions = torch.zeros((self.rows, num_envs, *action_shape), dtype=dtype, device=self.device)
         self.rewards = torch.zeros((self.rows, num_envs), dtype=torch.float32, device=self.device)
         self.terminations = torch.zeros((self.rows, num_envs), dtype=torch.float32, device=self.device)
         self.cursor = 0   # next row to write
@@ -42,7 +48,7 @@ class ReplayBuffer:
         """Store one transition per env: the observation the action was taken from, and its outcome."""
         row = self.cursor
         self.obs[row].copy_(torch.from_numpy(np.ascontiguousarray(obs)))
-        self.actions[row].copy_(torch.from_numpy(np.asarray(actions, dtype=np.int64)))
+        self.actions[row].copy_(torch.from_numpy(np.asarray(actions, dtype=self._action_np)))
         self.rewards[row].copy_(torch.from_numpy(np.asarray(rewards, dtype=np.float32)))
         self.terminations[row].copy_(torch.from_numpy(np.asarray(terminations, dtype=np.float32)))
         self.cursor = (row + 1) % self.rows
@@ -81,7 +87,7 @@ class ReplayBuffer:
     def state_dict(self) -> dict:
         n = self.filled
         return {
-            "rows": self.rows, "num_envs": self.num_envs, "cursor": self.cursor, "filled": n,
+            "rows": self.rows, "num_envs": self.num_envs, "action_dim": self.action_dim, "cursor": self.cursor, "filled": n,
             "obs": self.obs[:n].cpu(), "actions": self.actions[:n].cpu(),
             "rewards": self.rewards[:n].cpu(), "terminations": self.terminations[:n].cpu(),
             "generator": self.generator.get_state(),
@@ -90,6 +96,8 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         if (state["rows"], state["num_envs"]) != (self.rows, self.num_envs):
             raise ValueError(f"replay layout {state['rows']}x{state['num_envs']} does not match {self.rows}x{self.num_envs}")
+        if state.get("action_dim", 0) != self.action_dim:  # states written before continuous actions are discrete
+            raise ValueError(f"replay holds action_dim {state.get('action_dim', 0)}, this buffer {self.action_dim}")
         n = state["filled"]
         for name in ("obs", "actions", "rewards", "terminations"):
             getattr(self, name)[:n].copy_(state[name])

@@ -20,7 +20,7 @@ import yaml
 
 from mow import checkpoint
 from mow.config import Params
-from mow.envs import make_env
+from mow.envs import SUCCESS_SUITES, action_spec, make_env
 from mow.envs.vector import VectorEnv
 from mow.models.actor_critic import ActorCritic
 from mow.models.world_model import WorldModel
@@ -37,9 +37,11 @@ class TrainingDiverged(RuntimeError):
     """A loss became NaN or Inf; the message names the step and the loss."""
 
 
-def build_models(params: Params, num_actions: int, device: torch.device) -> tuple[WorldModel, ActorCritic]:
-    wm = WorldModel(params.world_model_config(), num_actions).to(device)
-    ac = ActorCritic(params.agent_config(), wm.state_dim, num_actions).to(device)
+def build_models(params: Params, num_actions: int, device: torch.device,
+                 continuous: bool = False) -> tuple[WorldModel, ActorCritic]:
+    """STORM's models; `continuous`: `num_actions` is the dimension of a Box(-1, 1) action."""
+    wm = WorldModel(params.world_model_config(), num_actions, continuous).to(device)
+    ac = ActorCritic(params.agent_config(), wm.state_dim, num_actions, continuous).to(device)
     return wm, ac
 
 
@@ -98,7 +100,8 @@ class Trainer:
         seed_everything(spec.seed)
         self.envs_per_task = self.cfg["num_envs"]
         self.envs = self._make_envs()
-        self.num_actions = int(self.envs.single_action_space.n)
+        self.num_actions, self.continuous = action_spec(self.envs.single_action_space)
+        action_dim = self.num_actions if self.continuous else 0
         self.wm, self.ac = self._build_models(device)
         self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=self.cfg["wm_lr"], eps=self.cfg["wm_eps"])
         self.ac_opt = torch.optim.Adam([p for p in self.ac.parameters() if p.requires_grad],
@@ -106,8 +109,8 @@ class Trainer:
         obs_shape = self.envs.single_observation_space.shape
         n = self.envs.num_envs
         self.replay = ReplayBuffer(self.cfg["buffer_capacity"] * self.num_tasks, n, obs_shape, device=device,
-                                   seed=spec.seed)
-        self.context = ContextWindow(n, self.cfg["act_context"], obs_shape, device)
+                                   seed=spec.seed, action_dim=action_dim)
+        self.context = ContextWindow(n, self.cfg["act_context"], obs_shape, device, action_dim)
         self.policy = self._make_policy()
         self.action_rng = np.random.default_rng(spec.seed)
         self.step = 0  # agent steps per task (every task advances together)
@@ -126,7 +129,7 @@ class Trainer:
         return VectorEnv([partial(env_fn, seed=self.spec.seed * 1000 + i) for i in range(self.envs_per_task)])
 
     def _build_models(self, device: torch.device):
-        return build_models(self.params, self.num_actions, device)
+        return build_models(self.params, self.num_actions, device, self.continuous)
 
     def _make_policy(self) -> Policy:
         return Policy(self.wm, self.ac, self.runtime, act_latent=self.cfg["act_latent"])
@@ -135,7 +138,7 @@ class Trainer:
         """Called once when a run starts from scratch (not on resume)."""
 
     def _random_actions(self) -> np.ndarray:
-        return random_actions(self.action_rng, self.envs.num_envs, self.num_actions)
+        return random_actions(self.action_rng, self.envs.num_envs, self.num_actions, self.continuous)
 
     def _wm_loss(self) -> tuple[torch.Tensor, dict]:
         batch = self.replay.sample(self.cfg["wm_batch"], self.cfg["wm_seq_len"])
@@ -149,10 +152,14 @@ class Trainer:
             loss, metrics = self.ac.compute_loss(imagination)
         return loss, metrics, imagination
 
-    def _episode_scalars(self, episodes: list[tuple[int, float, int]]) -> dict[str, float]:
-        return {"episode/return": float(np.mean([r for _, r, _ in episodes])),
-                "episode/length": float(np.mean([l for _, _, l in episodes])),
-                "episode/count": len(episodes)}
+    def _episode_scalars(self, episodes: list[tuple[int, float, int, bool]]) -> dict[str, float]:
+        """(env, return, length, success flag set at any step) of the episodes since the last log."""
+        out = {"episode/return": float(np.mean([e[1] for e in episodes])),
+               "episode/length": float(np.mean([e[2] for e in episodes])),
+               "episode/count": len(episodes)}
+        if self.spec.suite in SUCCESS_SUITES:
+            out["episode/success"] = float(np.mean([e[3] for e in episodes]))
+        return out
 
     def _model_extra(self) -> dict:
         return {}
@@ -305,19 +312,19 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, unit="step", desc=self.spec.name, dynamic_ncols=True,
                        mininterval=1.0, file=sys.stderr)
         last_log_step, last_time, last_updates = self.step, time.perf_counter(), self.updates
-        episode_log: list[tuple[int, float, int]] = []
+        episode_log: list[tuple[int, float, int, bool]] = []
         last_return = float("nan")
         while self.step < total:
             obs_t = torch.from_numpy(self.obs).to(self.runtime.device)
             actions = self.act(obs_t)
             out = self.envs.step(actions)
-            terminal = out.terminated | (out.life_loss if self.protocol["life_loss_termination"] else False)
+            terminal = out.terminated | (out.life_loss if self.protocol.get("life_loss_termination") else False)
             self.replay.add(self.obs, actions, out.reward, terminal)
-            self.context.push(obs_t, torch.from_numpy(np.asarray(actions, dtype=np.int64)).to(self.runtime.device))
+            self.context.push(obs_t, torch.from_numpy(np.asarray(actions)).to(self.runtime.device))
             self.obs = out.obs
             self.step += n
-            for env, ret, length in out.finished:
-                episode_log.append((env, ret, length))
+            for (env, ret, length), success in zip(out.finished, out.finished_success, strict=True):
+                episode_log.append((env, ret, length, success))
                 last_return = ret
 
             if self.step > cfg["warmup_steps"] and self.replay.can_sample(max(cfg["wm_seq_len"], cfg["imag_context"])):
@@ -370,7 +377,8 @@ class Trainer:
     def _write_model(self) -> None:
         checkpoint.save(model_path(self.run_dir), {
             "format": CHECKPOINT_FORMAT, "spec": asdict(self.spec), "params": self.params.to_dict(),
-            "params_hash": self.params.digest(), "num_actions": self.num_actions, "env_steps": self.step,
+            "params_hash": self.params.digest(), "num_actions": self.num_actions, "continuous": self.continuous,
+            "env_steps": self.step,
             "world_model": self.wm.state_dict(), "actor_critic": self.ac.state_dict(),
             "mlflow_run_id": self.mlflow_run_id, **self._model_extra(),
         }, keep_previous=False)

@@ -4,7 +4,8 @@ The loop, checkpointing and resume are the STORM trainer's (`mow.train.Trainer`)
 subclass changes what it holds and how batches are formed:
 
 - Envs: `train.num_envs` per task, all in one vector env with the full shared action set
-  (18 ALE actions); env i plays task i // num_envs. Each task gets the same agent-step
+  (18 ALE actions; Meta-World: the 4-D continuous action every task shares); env i plays
+  task i // num_envs. Each task gets the same agent-step
   budget (`train.env_steps`), so `step` counts steps *per task*.
 - Replay: one stream per env (the STORM buffer), so a task's sequences come from its own
   streams; `train.buffer_capacity` is per task.
@@ -38,7 +39,7 @@ import torch.distributed as dist
 
 from mow import checkpoint
 from mow.config import ConfigError, Params
-from mow.envs import make_env
+from mow.envs import SUCCESS_SUITES, make_env
 from mow.envs.vector import VectorEnv
 from mow.models.actor_critic import MultiTaskActorCritic
 from mow.models.mow_world_model import MoWWorldModel
@@ -49,11 +50,14 @@ from mow.warmup import (action_masks, check_clusters_file, check_suite_tasks, ex
                         load_pretrained, random_legal_actions)
 
 
-def build_mow_models(params: Params, suite: str, tasks, num_actions: int, assignment, device: torch.device):
-    wm = MoWWorldModel(params.mow_config(len(tasks)), num_actions)
+def build_mow_models(params: Params, suite: str, tasks, num_actions: int, assignment, device: torch.device,
+                     continuous: bool = False):
+    """MoW's world model and agent; `continuous`: `num_actions` is the Box(-1, 1) action's dimension."""
+    wm = MoWWorldModel(params.mow_config(len(tasks)), num_actions, continuous)
     wm.set_clusters(list(assignment))
-    ac = MultiTaskActorCritic(params.agent_config(), wm.state_dim, num_actions, action_masks(suite, tasks, num_actions),
-                              wm.cfg.num_clusters)
+    masks = None if continuous else action_masks(suite, tasks, num_actions)
+    ac = MultiTaskActorCritic(params.agent_config(), wm.state_dim, num_actions, masks, wm.cfg.num_clusters,
+                              continuous=continuous, num_tasks=len(tasks))
     ac.set_clusters(list(assignment))
     return wm.to(device), ac.to(device)
 
@@ -100,7 +104,7 @@ class MultiTaskTrainer(Trainer):
         device = self.runtime.device
         self.task_of_env = torch.arange(self.num_tasks).repeat_interleave(self.envs_per_task)
         self.policy.task_ids = self.task_of_env.to(device)
-        self.masks = self.ac.action_masks.cpu().numpy()
+        self.masks = None if self.continuous else self.ac.action_masks.cpu().numpy()
         if self.rank:  # same initial weights (seeded above, broadcast later); own envs and exploration
             seed_everything(spec.seed + 7919 * self.rank)
             self.action_rng = np.random.default_rng(spec.seed + 7919 * self.rank)
@@ -117,7 +121,8 @@ class MultiTaskTrainer(Trainer):
         return VectorEnv(fns)
 
     def _build_models(self, device: torch.device):
-        return build_mow_models(self.params, self.spec.suite, self.tasks, self.num_actions, self.clusters.labels, device)
+        return build_mow_models(self.params, self.spec.suite, self.tasks, self.num_actions, self.clusters.labels, device,
+                                self.continuous)
 
     def _initialise(self) -> None:
         """Fresh start: warm-up weights into every cluster, identical weights on every rank."""
@@ -129,7 +134,7 @@ class MultiTaskTrainer(Trainer):
                 dist.broadcast(tensor, src=0)
 
     def _random_actions(self) -> np.ndarray:
-        return random_legal_actions(self.action_rng, self.masks, self.task_of_env.numpy())
+        return random_legal_actions(self.action_rng, self.masks, self.task_of_env.numpy(), self.num_actions)
 
     # -- checkpoint per rank ----------------------------------------------------------------
     def _state_file(self) -> Path:
@@ -200,9 +205,11 @@ class MultiTaskTrainer(Trainer):
     def _episode_scalars(self, episodes):
         out = {"episode/count": len(episodes)}
         for k, task in enumerate(self.tasks):
-            returns = [r for env, r, _ in episodes if env // self.envs_per_task == k]
-            if returns:
-                out[f"episode/return/{task}"] = float(np.mean(returns))
+            mine = [e for e in episodes if e[0] // self.envs_per_task == k]
+            if mine:
+                out[f"episode/return/{task}"] = float(np.mean([e[1] for e in mine]))
+                if self.spec.suite in SUCCESS_SUITES:
+                    out[f"episode/success/{task}"] = float(np.mean([e[3] for e in mine]))
         return out
 
     def _metrics_dir(self) -> Path:

@@ -1,7 +1,8 @@
 """MoW's warm-up stage (SPEC §1.8): fixed random-policy data, offline pretraining of one
 shared VAE and head set, per-task gradient signatures and the task clusters.
 
-    collect   one random-policy replay per task (legal actions only), stored once per
+    collect   one random-policy replay per task (legal actions only; continuous actions
+              uniform in [-1, 1]), stored once per
               (scale, suite, protocol, seed) and shared by every variant
     pretrain  a MoW world model with a single cluster (one VAE, one head set) trained
               offline on that data; batches cycle through the tasks so each gets the same
@@ -28,9 +29,10 @@ from mow import checkpoint
 from mow.clustering import (cluster_tasks, cosine_similarity_matrix, random_clusters_like,
                             task_gradient_signatures, write_clusters_json)
 from mow.config import ConfigError, Params
-from mow.envs import legal_action_mask, make_env
+from mow.envs import action_spec, legal_action_mask, make_env, shared_action_spec
 from mow.envs.vector import VectorEnv
 from mow.models.mow_world_model import MoWWorldModel
+from mow.policy import random_actions
 from mow.replay import ReplayBuffer
 from mow.runtime import make_runtime, rng_state, seed_everything, set_rng_state
 
@@ -67,15 +69,23 @@ def check_clusters_file(path: Path, tasks, params: Params):
     return clusters
 
 
-def action_masks(suite: str, tasks, num_actions: int) -> torch.Tensor:
+def action_masks(suite: str, tasks, num_actions: int) -> torch.Tensor | None:
+    """Bool [K, num_actions] legal actions per task over the shared set; None for a
+    continuous suite (Meta-World: every task has the same Box(-1, 1) action)."""
+    if shared_action_spec(suite, tasks)[1]:
+        return None
     masks = np.stack([legal_action_mask(suite, t, full_action_space=True) for t in tasks])
     if masks.shape[1] != num_actions:
         raise ValueError(f"{suite}: action masks have {masks.shape[1]} entries, the envs {num_actions} actions")
     return torch.from_numpy(masks)
 
 
-def random_legal_actions(rng: np.random.Generator, masks: np.ndarray, task_of_env: np.ndarray) -> np.ndarray:
-    """One uniformly random legal action per env (env i plays task `task_of_env[i]`)."""
+def random_legal_actions(rng: np.random.Generator, masks: np.ndarray | None, task_of_env: np.ndarray,
+                         action_dim: int = 0) -> np.ndarray:
+    """One uniformly random legal action per env (env i plays task `task_of_env[i]`); with
+    `masks` None (continuous suite) a float32 action uniform in [-1, 1]^action_dim per env."""
+    if masks is None:
+        return random_actions(rng, len(task_of_env), action_dim, continuous=True)
     legal = [np.flatnonzero(masks[t]) for t in task_of_env]
     return np.array([ids[rng.integers(len(ids))] for ids in legal], dtype=np.int64)
 
@@ -90,17 +100,20 @@ def collect(params: Params, suite: str, protocol_name: str, seed: int, out: Path
     seed_everything(seed)
     envs = VectorEnv([partial(make_env, suite, task, protocol, seed=seed * 100_000 + 100 * k, train=True,
                               full_action_space=True) for k, task in enumerate(tasks)])
-    masks = action_masks(suite, tasks, int(envs.single_action_space.n)).numpy()
+    size, continuous = action_spec(envs.single_action_space)
+    masks = action_masks(suite, tasks, size)
+    masks = None if masks is None else masks.numpy()
     task_of_env = np.arange(len(tasks))
-    replay = ReplayBuffer(steps * len(tasks), len(tasks), envs.single_observation_space.shape, seed=seed)
+    replay = ReplayBuffer(steps * len(tasks), len(tasks), envs.single_observation_space.shape, seed=seed,
+                          action_dim=size if continuous else 0)
     rng = np.random.default_rng(seed)
     obs = envs.reset(seed=seed * 100_000)
     bar = _bar(progress, steps, f"collect {suite}/seed{seed}")
     try:
         for _ in range(steps):
-            actions = random_legal_actions(rng, masks, task_of_env)
+            actions = random_legal_actions(rng, masks, task_of_env, size)
             step = envs.step(actions)
-            terminal = step.terminated | (step.life_loss if protocol["life_loss_termination"] else False)
+            terminal = step.terminated | (step.life_loss if protocol.get("life_loss_termination") else False)
             replay.add(obs, actions, step.reward, terminal)
             obs = step.obs
             if bar is not None:
@@ -127,7 +140,8 @@ def load_data(path: Path, tasks, device: torch.device, steps: int | None = None)
                                          f"is {steps}; rerun `mow collect`")
     state = data["replay"]
     obs_shape = tuple(state["obs"].shape[2:])
-    replay = ReplayBuffer(state["rows"] * state["num_envs"], state["num_envs"], obs_shape, device=device)
+    replay = ReplayBuffer(state["rows"] * state["num_envs"], state["num_envs"], obs_shape, device=device,
+                          action_dim=state.get("action_dim", 0))
     replay.load_state_dict(state)
     return replay
 
@@ -142,10 +156,10 @@ def _bar(progress: bool, total: int, desc: str, initial: int = 0):
 
 
 # -- pretrain ---------------------------------------------------------------------------
-def warmup_model(params: Params, num_tasks: int, num_actions: int) -> MoWWorldModel:
+def warmup_model(params: Params, num_tasks: int, num_actions: int, continuous: bool = False) -> MoWWorldModel:
     """The variant's MoW world model with a single VAE/head cluster (the shared warm-up model)."""
     cfg = dataclasses.replace(params.mow_config(num_tasks), num_clusters=1)
-    return MoWWorldModel(cfg, num_actions)
+    return MoWWorldModel(cfg, num_actions, continuous)
 
 
 def pretrain(params: Params, suite: str, seed: int, data: Path, out: Path, *, progress: bool = True,
@@ -156,7 +170,7 @@ def pretrain(params: Params, suite: str, seed: int, data: Path, out: Path, *, pr
     device = runtime.device
     seed_everything(seed)
     replay = load_data(data, tasks, device, params["warmup"]["collect_steps"])
-    model = warmup_model(params, len(tasks), num_actions(suite, tasks)).to(device)
+    model = warmup_model(params, len(tasks), *shared_action_spec(suite, tasks)).to(device)
     cfg, wu = params["train"], params["warmup"]
     opt = torch.optim.Adam(model.parameters(), lr=cfg["wm_lr"], eps=cfg["wm_eps"])
     state_file = out.with_name(out.stem + ".state.ckpt")
@@ -207,11 +221,6 @@ def pretrain(params: Params, suite: str, seed: int, data: Path, out: Path, *, pr
     return out
 
 
-def num_actions(suite: str, tasks) -> int:
-    """Size of the shared action space (Atari: the 18 ALE actions)."""
-    return len(legal_action_mask(suite, tasks[0], full_action_space=True))
-
-
 def load_pretrained(path: Path, params: Params, tasks) -> dict:
     if not Path(path).is_file():
         raise checkpoint.CheckpointError(f"warm-up model not found: {path} (run `mow pretrain` first)")
@@ -231,7 +240,7 @@ def cluster(params: Params, suite: str, seed: int, data: Path, pretrained: Path,
     replay = load_data(data, tasks, device, params["warmup"]["collect_steps"])
     replay.generator.manual_seed(seed)
     torch.manual_seed(seed)
-    model = warmup_model(params, len(tasks), num_actions(suite, tasks)).to(device)
+    model = warmup_model(params, len(tasks), *shared_action_spec(suite, tasks)).to(device)
     model.load_state_dict(payload["model"])
     model.train()
     wu, seq = params["warmup"], params["train"]["wm_seq_len"]

@@ -36,15 +36,20 @@ __all__ = [
     "MetaWorldEnv",
     "SANITY_REFERENCE",
     "SANITY_TASKS",
+    "SUCCESS_SUITES",
     "SUITES",
     "VectorEnv",
     "VectorStep",
+    "action_spec",
     "bench_metaworld",
     "legal_action_mask",
     "make_env",
+    "shared_action_spec",
 ]
 
 SUITES: tuple[str, ...] = ("atari", "sanity", "metaworld")
+SUCCESS_SUITES: tuple[str, ...] = ("metaworld",)  # suites whose envs report info["success"]
+METAWORLD_ACTION_DIM = 4  # xyz end-effector delta + gripper, the same for all 50 tasks
 _METAWORLD_EXPORTS = ("MT50_TASKS", "MetaWorldEnv", "bench_metaworld")
 
 
@@ -148,3 +153,25 @@ def legal_action_mask(suite: str, task: str, full_action_space: bool) -> np.ndar
     mask = np.zeros(FULL_ACTIONS, bool)
     mask[legal_ids] = True
     return mask
+
+
+def action_spec(space: gymnasium.Space) -> tuple[int, bool]:
+    """(size, continuous) of an env's action space: Discrete(n) -> (n, False); a 1-D
+    Box(-1, 1) -> (its dimension, True), the form every model and buffer here takes."""
+    if isinstance(space, gymnasium.spaces.Discrete):
+        return int(space.n), False
+    if isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 1:
+        return int(space.shape[0]), True
+    raise ValueError(f"unsupported action space {space}; need Discrete or a 1-D Box")
+
+
+def shared_action_spec(suite: str, tasks) -> tuple[int, bool]:
+    """(size, continuous) of the action space one multi-task agent shares over `tasks`,
+    without building an env: the 18 ALE actions (Atari), the sanity tasks' padded set, or
+    Meta-World's 4-D continuous action."""
+    _check_suite(suite)
+    if suite == "metaworld":
+        for task in tasks:
+            legal_action_mask(suite, task, full_action_space=True)  # checks the name
+        return METAWORLD_ACTION_DIM, True
+    return len(legal_action_mask(suite, tasks[0], full_action_space=True)), False

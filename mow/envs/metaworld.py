@@ -17,8 +17,9 @@ One `MetaWorldEnv` plays one of the 50 MT50 tasks by its v3 name ("reach-v3", ..
 * goals: the MT50 benchmark's 50 training goals of the task, i.e. the `rand_vec`s of
   `metaworld.MT50(seed=goal_seed).train_tasks` for that env name, set through metaworld's
   own `set_task`. `reset` picks one uniformly with the env's seeded RNG, as metaworld's
-  `RandomTaskSelectWrapper` does; `reset(options={"goal": i})` picks goal i (MT50 has no
-  separate test goals, so evaluation uses the same 50). Building `metaworld.MT50` takes
+  `RandomTaskSelectWrapper` does; `reset(options={"goal": i})` picks goal i, and after
+  `set_goal_sequence([i, j, ...])` successive resets play those goals in order (cycling):
+  MT50 has no separate test goals, so evaluation (`mow.evaluate`) walks the same 50. Building `metaworld.MT50` takes
   ~1.5 min on 2 CPU cores, so the goals of `goal_seed=0` are bundled in
   `metaworld_mt50_goals.json` (written by `generate_mt50_goals`); other seeds are
   generated on first use and cached in-process.
@@ -261,6 +262,8 @@ class MetaWorldEnv(gymnasium.Env):
         self._size = image_size
         self._renderer: mujoco.Renderer | None = None  # created at the first frame
         self._goal = 0
+        self._goal_sequence: list[int] | None = None  # set_goal_sequence
+        self._goal_position = 0
         self._env.set_task(self._tasks[0])
         self._state_size = mujoco.mj_stateSize(model, _STATE_SPEC)
         self.action_space = spaces.Box(-1.0, 1.0, (4,), np.float32)
@@ -277,8 +280,19 @@ class MetaWorldEnv(gymnasium.Env):
         """Index (0..49) of the current episode's goal."""
         return self._goal
 
+    def set_goal_sequence(self, goals: list[int] | None) -> None:
+        """Make the following resets (without `options["goal"]`) play `goals` in order,
+        cycling; None returns to sampling goals with the env's RNG."""
+        if goals is not None:
+            goals = [int(g) for g in goals]
+            bad = [g for g in goals if not 0 <= g < len(self._tasks)]
+            if not goals or bad:
+                raise ValueError(f"goal sequence needs goals in 0..{len(self._tasks) - 1}, got {goals}")
+        self._goal_sequence, self._goal_position = goals, 0
+
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        """Start an episode on a goal drawn with the env's RNG (or `options["goal"]`).
+        """Start an episode on a goal drawn with the env's RNG (or `options["goal"]`, or the
+        next one of `set_goal_sequence`).
 
         `seed` reseeds the goal RNG; None continues its stream.
         """
@@ -287,6 +301,9 @@ class MetaWorldEnv(gymnasium.Env):
             goal = int(options["goal"])
             if not 0 <= goal < len(self._tasks):
                 raise ValueError(f"goal must be in 0..{len(self._tasks) - 1}, got {goal}")
+        elif self._goal_sequence is not None:
+            goal = self._goal_sequence[self._goal_position % len(self._goal_sequence)]
+            self._goal_position += 1
         else:
             goal = int(self.np_random.integers(len(self._tasks)))
         self._goal = goal
@@ -348,6 +365,8 @@ class MetaWorldEnv(gymnasium.Env):
             "model": {name: getattr(env.model, name).copy() for name in _MODEL_FIELDS},
             "attrs": attrs,
             "np_random": self.np_random.bit_generator.state,
+            "goal_sequence": self._goal_sequence,
+            "goal_position": self._goal_position,
         }
 
     def set_state(self, state: dict) -> None:
@@ -369,6 +388,9 @@ class MetaWorldEnv(gymnasium.Env):
         # mj_forward overwrites the solver's warm start, which the next mj_step reads.
         mujoco.mj_setState(env.model, env.data, physics, _STATE_SPEC)
         self.np_random.bit_generator.state = state["np_random"]
+        # states saved before goal sequences existed sampled their goals
+        self._goal_sequence = state.get("goal_sequence")
+        self._goal_position = int(state.get("goal_position", 0))
 
     def close(self) -> None:
         if not self._closed:

@@ -2,7 +2,22 @@
 
 The actor is a categorical policy over a fixed action set; an optional boolean mask
 restricts it to a subset (MoW's shared 18-action actor, masked to each game's minimal
-set). The critic predicts symlog two-hot values; a slow (EMA) copy regularises it.
+set). With ``continuous=True`` (Meta-World's Box(-1, 1, (4,)) actions) the actor's last
+layer is a ``TanhGaussianHead`` instead: a tanh-squashed diagonal Gaussian, so every
+action lies in [-1, 1] and its log-density includes the squash's Jacobian. The critic
+predicts symlog two-hot values; a slow (EMA) copy regularises it. Critic, λ-returns,
+normalisation and imagination are the same for both kinds of actor.
+
+Continuous actor, decisions (SPEC 1.7 leaves the Meta-World head open):
+- policy gradient: the same REINFORCE term as for discrete actions,
+  -log π(a_t|s_t) · sg(advantage), with log π of the imagined action (DreamerV3 uses
+  REINFORCE for continuous actions as well); imagination stays detached, as in STORM.
+- entropy bonus η · H(π): the squashed Gaussian has no closed-form entropy, so H is the
+  one-sample reparameterised estimate -log π(tanh(u)), u = mean + std · ε, drawn afresh in
+  the loss (``TanhGaussian.entropy``). Its gradient flows through the draw; the entropy of
+  the pre-squash Gaussian would keep rewarding a growing std even where tanh saturates
+  and the real action distribution collapses onto ±1.
+- greedy action (evaluation with ``eval_policy: greedy``): tanh(mean).
 """
 
 from __future__ import annotations
@@ -14,6 +29,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
+from mow.models.continuous import TanhGaussian, TanhGaussianHead
 from mow.models.heads import mlp_trunk
 from mow.models.world_model import Imagination
 from mow.numerics import LAMBDA_FORMS, PercentileNormalizer, TwoHot, lambda_return
@@ -62,15 +78,28 @@ def mask_logits(logits: torch.Tensor, action_mask: torch.Tensor | None) -> torch
     )
 
 
-class ActorCritic(nn.Module):
-    """Actor, critic, slow critic and return normaliser of one agent."""
+def _actor(cfg: AgentConfig, state_dim: int, num_actions: int, continuous: bool) -> nn.Sequential:
+    """MLP trunk + logits over ``num_actions`` actions, or a tanh-Gaussian over a
+    ``num_actions``-dimensional action vector when ``continuous``."""
+    head = TanhGaussianHead(cfg.hidden, num_actions) if continuous else nn.Linear(cfg.hidden, num_actions)
+    return nn.Sequential(mlp_trunk(state_dim, cfg.hidden, cfg.layers), head)
 
-    def __init__(self, cfg: AgentConfig, state_dim: int, num_actions: int) -> None:
+
+def _act(dist: Categorical | TanhGaussian, greedy: bool) -> torch.Tensor:
+    if isinstance(dist, TanhGaussian):
+        return dist.mode() if greedy else dist.sample()
+    return dist.logits.argmax(dim=-1) if greedy else dist.sample()
+
+
+class ActorCritic(nn.Module):
+    """Actor, critic, slow critic and return normaliser of one agent; ``num_actions`` is the
+    action count, or the action dimension when ``continuous``."""
+
+    def __init__(self, cfg: AgentConfig, state_dim: int, num_actions: int, continuous: bool = False) -> None:
         super().__init__()
         self.cfg, self.state_dim, self.num_actions = cfg, state_dim, num_actions
-        self.actor = nn.Sequential(
-            mlp_trunk(state_dim, cfg.hidden, cfg.layers), nn.Linear(cfg.hidden, num_actions)
-        )
+        self.continuous = continuous
+        self.actor = _actor(cfg, state_dim, num_actions, continuous)
         self.critic = nn.Sequential(
             mlp_trunk(state_dim, cfg.hidden, cfg.layers), nn.Linear(cfg.hidden, cfg.value_bins)
         )
@@ -80,8 +109,15 @@ class ActorCritic(nn.Module):
             cfg.percentile_decay, cfg.percentile_low, cfg.percentile_high
         )
 
-    def policy(self, states: torch.Tensor, action_mask: torch.Tensor | None = None) -> Categorical:
-        """Masked categorical policy over actions for ``[..., state_dim]`` states (float32 logits)."""
+    def policy(
+        self, states: torch.Tensor, action_mask: torch.Tensor | None = None
+    ) -> Categorical | TanhGaussian:
+        """Masked categorical policy over actions for ``[..., state_dim]`` states (float32
+        logits), or the tanh-Gaussian of a continuous actor (no mask applies)."""
+        if self.continuous:
+            if action_mask is not None:
+                raise ValueError("a continuous actor takes no action mask")
+            return self.actor(states)
         logits = mask_logits(self.actor(states).float(), action_mask)
         return Categorical(logits=logits, validate_args=False)
 
@@ -89,9 +125,9 @@ class ActorCritic(nn.Module):
     def act(
         self, state: torch.Tensor, greedy: bool = False, action_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Long ``[B]`` actions: sampled, or the most likely legal one when ``greedy``."""
-        dist = self.policy(state, action_mask)
-        return dist.logits.argmax(dim=-1) if greedy else dist.sample()
+        """Long ``[B]`` actions: sampled, or the most likely legal one when ``greedy``;
+        continuous: float ``[B, A]`` in [-1, 1], sampled or tanh(mean)."""
+        return _act(self.policy(state, action_mask), greedy)
 
     def compute_loss(
         self, imag: Imagination, action_mask: torch.Tensor | None = None
@@ -119,7 +155,7 @@ class ActorCritic(nn.Module):
 def imagination_loss(
     cfg: AgentConfig,
     two_hot: TwoHot,
-    dist: Categorical,
+    dist: Categorical | TanhGaussian,
     value_logits: torch.Tensor,
     slow_value_logits: torch.Tensor,
     imag: Imagination,
@@ -128,7 +164,9 @@ def imagination_loss(
     """The STORM actor-critic loss shared by the single- and multi-task agents.
 
     ``return_scale(returns)`` folds the λ-returns into the normaliser(s) and returns
-    max(1, S), a scalar or one value per sequence ``[B, 1]``.
+    max(1, S), a scalar or one value per sequence ``[B, 1]``. ``dist`` is the categorical
+    or tanh-Gaussian policy of ``imag.states[:, :-1]`` (see the module docstring for the
+    continuous entropy estimate).
     """
     log_prob = dist.log_prob(imag.actions)
     entropy = dist.entropy().mean()
@@ -170,13 +208,15 @@ class MultiTaskActorCritic(nn.Module):
 
     The actor has no cluster index: it sees every task's states and acts over the full
     action set, with each task's illegal actions masked out (their probability is exactly
-    0, so they are never sampled and carry no gradient). Critic i serves the tasks of
-    cluster i, like the VAEs and heads. Return normalisation is per task (decision; SPEC
+    0, so they are never sampled and carry no gradient). With ``continuous`` (Meta-World)
+    the shared actor is a tanh-Gaussian over the ``num_actions``-dimensional action vector
+    that every task shares: ``action_masks`` is None and ``num_tasks`` gives K. Critic i
+    serves the tasks of cluster i, like the VAEs and heads. Return normalisation is per task (decision; SPEC
     leaves it open): Atari returns differ by orders of magnitude between games, so one
     global percentile range would shrink the advantages of every low-return game.
     """
 
-    action_masks: torch.Tensor
+    action_masks: torch.Tensor | None
     cluster_of_task: torch.Tensor
 
     def __init__(
@@ -184,21 +224,32 @@ class MultiTaskActorCritic(nn.Module):
         cfg: AgentConfig,
         state_dim: int,
         num_actions: int,
-        action_masks: torch.Tensor,
+        action_masks: torch.Tensor | None,
         num_clusters: int,
+        *,
+        continuous: bool = False,
+        num_tasks: int | None = None,
     ) -> None:
         super().__init__()
-        masks = torch.as_tensor(action_masks, dtype=torch.bool, device="cpu")  # validated on the host
-        if masks.dim() != 2 or masks.shape[1] != num_actions or not masks.any(1).all():
-            raise ValueError(
-                f"action_masks must be [num_tasks, {num_actions}] with a legal action per task, "
-                f"got shape {tuple(masks.shape)}"
-            )
+        if continuous:
+            if action_masks is not None or num_tasks is None or num_tasks < 1:
+                raise ValueError(
+                    f"a continuous actor takes action_masks=None and num_tasks >= 1, got "
+                    f"masks {'None' if action_masks is None else 'given'} and num_tasks={num_tasks}"
+                )
+            masks = None
+        else:
+            masks = torch.as_tensor(action_masks, dtype=torch.bool, device="cpu")  # validated on the host
+            if masks.dim() != 2 or masks.shape[1] != num_actions or not masks.any(1).all():
+                raise ValueError(
+                    f"action_masks must be [num_tasks, {num_actions}] with a legal action per task, "
+                    f"got shape {tuple(masks.shape)}"
+                )
+            num_tasks = masks.shape[0]
         self.cfg, self.state_dim, self.num_actions = cfg, state_dim, num_actions
-        self.num_tasks, self.num_clusters = masks.shape[0], num_clusters
-        self.actor = nn.Sequential(
-            mlp_trunk(state_dim, cfg.hidden, cfg.layers), nn.Linear(cfg.hidden, num_actions)
-        )
+        self.continuous = continuous
+        self.num_tasks, self.num_clusters = num_tasks, num_clusters
+        self.actor = _actor(cfg, state_dim, num_actions, continuous)
         self.critics = nn.ModuleList(_critic(cfg, state_dim) for _ in range(num_clusters))
         self.slow_critics = copy.deepcopy(self.critics).requires_grad_(False)
         self.two_hot = TwoHot(cfg.value_bins)
@@ -220,8 +271,11 @@ class MultiTaskActorCritic(nn.Module):
             )
         self.cluster_of_task.copy_(values)
 
-    def policy(self, states: torch.Tensor, task_ids: torch.Tensor) -> Categorical:
-        """Masked policy for states ``[B, ..., state_dim]`` of tasks ``task_ids`` ``[B]``."""
+    def policy(self, states: torch.Tensor, task_ids: torch.Tensor) -> Categorical | TanhGaussian:
+        """Masked policy for states ``[B, ..., state_dim]`` of tasks ``task_ids`` ``[B]``
+        (continuous: the shared tanh-Gaussian, the same action space for every task)."""
+        if self.action_masks is None:
+            return self.actor(states)
         mask = self.action_masks[task_ids]
         mask = mask.view(mask.shape[0], *([1] * (states.dim() - 2)), mask.shape[1])
         logits = mask_logits(self.actor(states).float(), mask)
@@ -229,8 +283,7 @@ class MultiTaskActorCritic(nn.Module):
 
     @torch.no_grad()
     def act(self, state: torch.Tensor, task_ids: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        dist = self.policy(state, task_ids)
-        return dist.logits.argmax(dim=-1) if greedy else dist.sample()
+        return _act(self.policy(state, task_ids), greedy)
 
     def _by_cluster(self, modules: nn.ModuleList, states: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         clusters = self.cluster_of_task[task_ids]

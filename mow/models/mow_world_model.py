@@ -106,10 +106,10 @@ class MoWConfig:
 class Expert(nn.Module):
     """One MoW expert: its own token mixer m_j(z, a, e_k) and causal Transformer f_j."""
 
-    def __init__(self, cfg: MoWConfig, num_actions: int) -> None:
+    def __init__(self, cfg: MoWConfig, num_actions: int, continuous: bool = False) -> None:
         super().__init__()
         self.mixer = TokenMixer(
-            cfg.world.latent_dim, num_actions, cfg.expert_d_model, cfg.task_embed_dim
+            cfg.world.latent_dim, num_actions, cfg.expert_d_model, cfg.task_embed_dim, continuous
         )
         self.transformer = CausalTransformer(
             cfg.expert_d_model,
@@ -162,13 +162,14 @@ def _assemble(parts: list[torch.Tensor], positions: list[torch.Tensor]) -> torch
 
 
 class MoWWorldModel(nn.Module):
-    """MoW world model over ``cfg.num_tasks`` tasks sharing ``num_actions`` discrete actions."""
+    """MoW world model over ``cfg.num_tasks`` tasks sharing ``num_actions`` discrete actions
+    (or, with ``continuous``, action vectors of that dimension: Meta-World)."""
 
     cluster_of_task: torch.Tensor
 
-    def __init__(self, cfg: MoWConfig, num_actions: int = 18) -> None:
+    def __init__(self, cfg: MoWConfig, num_actions: int = 18, continuous: bool = False) -> None:
         super().__init__()
-        self.cfg, self.num_actions = cfg, num_actions
+        self.cfg, self.num_actions, self.continuous = cfg, num_actions, continuous
         self.state_dim = cfg.state_dim
         w, e = cfg.world, cfg.task_embed_dim
         self.task_embedding = TaskEmbedding(cfg.num_tasks, e)
@@ -189,14 +190,14 @@ class MoWWorldModel(nn.Module):
         )
         # Ablations drop a block entirely (None), so parameter counts and checkpoints show it.
         self.experts = (
-            nn.ModuleList(Expert(cfg, num_actions) for _ in range(cfg.num_experts))
+            nn.ModuleList(Expert(cfg, num_actions, continuous) for _ in range(cfg.num_experts))
             if cfg.use_experts
             else None
         )
         self.input_mixer = (
             None
             if cfg.use_experts
-            else TokenMixer(w.latent_dim, num_actions, cfg.shared_d_model, e)
+            else TokenMixer(w.latent_dim, num_actions, cfg.shared_d_model, e, continuous)
         )
         self.shared_input = (
             nn.Linear(cfg.top_k * cfg.expert_d_model + e, cfg.shared_d_model)
@@ -297,7 +298,7 @@ class MoWWorldModel(nn.Module):
             tokens = self.input_mixer(z, actions, embedding)
         else:
             assert self.shared_input is not None
-            batch, steps = actions.shape
+            batch, steps = actions.shape[:2]
             top_k, width = self.cfg.top_k, self.cfg.expert_d_model
             parts, positions = [], []
             for expert, rows, slots, weights in routes:
@@ -319,8 +320,8 @@ class MoWWorldModel(nn.Module):
         task_ids: torch.Tensor,
         cache: MoWCache | None = None,
     ) -> torch.Tensor:
-        """Experts + shared Transformer: ``z`` ``[B, T, latent]``, ``actions`` ``[B, T]``,
-        ``task_ids`` ``[B]`` -> h ``[B, T, shared_d_model]``. With a cache (from
+        """Experts + shared Transformer: ``z`` ``[B, T, latent]``, ``actions`` ``[B, T]``
+        (``[B, T, A]`` continuous), ``task_ids`` ``[B]`` -> h ``[B, T, shared_d_model]``. With a cache (from
         :meth:`new_cache` for the same ``task_ids``) the steps continue the cached ones."""
         embeddings = self.task_embedding()
         routes = self._expert_routes(task_ids, self.router(embeddings))
@@ -344,7 +345,8 @@ class MoWWorldModel(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MoW world-model loss L_H + balance_coef · L_bal (SPEC §1.6) on a mixed batch.
 
-        ``obs`` uint8 ``[B, T, H, W, C]``, ``actions`` long ``[B, T]``, ``rewards`` and
+        ``obs`` uint8 ``[B, T, H, W, C]``, ``actions`` long ``[B, T]`` (float ``[B, T, A]``
+        when continuous), ``rewards`` and
         ``terminations`` ``[B, T]``, ``task_ids`` long ``[B]`` (one task per sequence). Per
         task, L_k = rec + reward + termination + task_loss · CE(task) + β₁ dyn + β₂ rep,
         each term defined as in STORM's ``WorldModel.compute_loss`` but averaged over that
@@ -352,7 +354,7 @@ class MoWWorldModel(nn.Module):
         runs over the tasks present in the batch; the balance loss over all K tasks.
         """
         cfg, w = self.cfg, self.cfg.world
-        batch, steps = actions.shape
+        batch, steps = actions.shape[:2]
         embeddings = self.task_embedding()
         routing = self.router(embeddings)
         embedding = embeddings[task_ids]  # [B, E]
@@ -531,14 +533,13 @@ class MoWWorldModel(nn.Module):
                 obs_ctx, act_ctx, task_ids, True
             )
             states = torch.empty(batch, horizon + 1, self.state_dim, device=hidden.device)
-            actions = torch.empty(batch, horizon, dtype=torch.long, device=hidden.device)
-            hiddens = []
+            actions, hiddens = [], []  # actions: [B] long or [B, A] float per step
             for step in range(horizon):
                 z, state = self._prior_state(hidden, embedding, groups)
                 states[:, step] = state
-                actions[:, step] = policy(state)
+                actions.append(policy(state))
                 hidden = self._hidden(
-                    z.unsqueeze(1), actions[:, step : step + 1], embedding, routes, cache
+                    z.unsqueeze(1), actions[-1].unsqueeze(1), embedding, routes, cache
                 )[:, 0]
                 hiddens.append(hidden)
             states[:, horizon] = self._prior_state(hidden, embedding, groups)[1]
@@ -553,7 +554,7 @@ class MoWWorldModel(nn.Module):
             )
             rewards = self.two_hot.decode(reward_logits)
             terminations = (termination_logits > 0).float()
-        return Imagination(states, actions, rewards, terminations)
+        return Imagination(states, torch.stack(actions, dim=1), rewards, terminations)
 
 
 def _count(*modules: nn.Module) -> int:

@@ -19,21 +19,33 @@ from mow.models.heads import concat_condition
 class TokenMixer(nn.Module):
     """(latent z, action, optional conditioning) -> one d_model token per time step.
 
-    Linear(z ⊕ one_hot(a) ⊕ cond -> d, no bias), LayerNorm, ReLU, Linear(d -> d, no bias),
-    LayerNorm. The one-hot product is computed as a row lookup: the action block of the
-    first weight matrix is stored as an ``nn.Embedding`` (same parameters, same
-    initialisation as the corresponding Linear columns), so no one-hot tensor is built.
+    Linear(z ⊕ a ⊕ cond -> d, no bias), LayerNorm, ReLU, Linear(d -> d, no bias),
+    LayerNorm, where a is one_hot(action) for discrete actions (STORM) and the action
+    vector itself for ``continuous`` ones (Meta-World's 4 floats; ``num_actions`` is then
+    its dimension). The one-hot product is computed as a row lookup: the action block of
+    the first weight matrix is stored as an ``nn.Embedding`` (same parameters, same
+    initialisation as the corresponding Linear columns), so no one-hot tensor is built;
+    the continuous block is a bias-free ``nn.Linear`` with that same initialisation.
     """
 
-    def __init__(self, latent_dim: int, num_actions: int, d_model: int, cond_dim: int = 0) -> None:
+    def __init__(
+        self, latent_dim: int, num_actions: int, d_model: int, cond_dim: int = 0,
+        continuous: bool = False,
+    ) -> None:
         super().__init__()
         self.num_actions = num_actions
+        self.continuous = continuous
         self.latent_proj = nn.Linear(latent_dim + cond_dim, d_model, bias=False)
-        self.action_embed = nn.Embedding(num_actions, d_model)
+        if continuous:
+            self.action_proj = nn.Linear(num_actions, d_model, bias=False)
+            action_weight = self.action_proj.weight
+        else:
+            self.action_embed = nn.Embedding(num_actions, d_model)
+            action_weight = self.action_embed.weight
         fan_in = latent_dim + num_actions + cond_dim
         bound = 1.0 / math.sqrt(fan_in)
         nn.init.uniform_(self.latent_proj.weight, -bound, bound)
-        nn.init.uniform_(self.action_embed.weight, -bound, bound)
+        nn.init.uniform_(action_weight, -bound, bound)
         self.body = nn.Sequential(
             nn.LayerNorm(d_model),
             nn.ReLU(inplace=True),
@@ -44,9 +56,13 @@ class TokenMixer(nn.Module):
     def forward(
         self, z: torch.Tensor, actions: torch.Tensor, cond: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``z`` ``[B, T, latent]``, ``actions`` long ``[B, T]`` -> tokens ``[B, T, d_model]``."""
+        """``z`` ``[B, T, latent]``, ``actions`` long ``[B, T]`` (or float ``[B, T, A]``
+        when continuous) -> tokens ``[B, T, d_model]``."""
         x = self.latent_proj(concat_condition(z, cond))
-        x = x + self.action_embed(actions).to(x.dtype)
+        if self.continuous:
+            x = x + self.action_proj(actions.to(x.dtype))
+        else:
+            x = x + self.action_embed(actions).to(x.dtype)
         return self.body(x)
 
 

@@ -78,7 +78,7 @@ class Imagination:
     states: torch.Tensor
     """[B, H+1, S] agent states [ẑ_t, h_{t-1}]."""
     actions: torch.Tensor
-    """[B, H] long, the action taken in states[:, t]."""
+    """[B, H] long (or [B, H, A] float for continuous actions), the action taken in states[:, t]."""
     rewards: torch.Tensor
     """[B, H] predicted reward of each transition (symexp of the two-hot mean)."""
     terminations: torch.Tensor
@@ -98,16 +98,18 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 class WorldModel(nn.Module):
-    """STORM's world model for one game with ``num_actions`` discrete actions."""
+    """STORM's world model for one game with ``num_actions`` discrete actions, or with
+    ``continuous`` action vectors of dimension ``num_actions`` (fed to the token mixer
+    as they are, see ``TokenMixer``)."""
 
-    def __init__(self, cfg: WorldModelConfig, num_actions: int) -> None:
+    def __init__(self, cfg: WorldModelConfig, num_actions: int, continuous: bool = False) -> None:
         super().__init__()
-        self.cfg, self.num_actions = cfg, num_actions
+        self.cfg, self.num_actions, self.continuous = cfg, num_actions, continuous
         self.state_dim = cfg.state_dim
         self.vae = CategoricalVAE(
             cfg.image_size, cfg.channels, cfg.encoder_channels, cfg.stoch, cfg.classes, cfg.unimix
         )
-        self.mixer = TokenMixer(cfg.latent_dim, num_actions, cfg.d_model)
+        self.mixer = TokenMixer(cfg.latent_dim, num_actions, cfg.d_model, continuous=continuous)
         self.transformer = CausalTransformer(
             cfg.d_model, cfg.layers, cfg.heads, cfg.ffn, cfg.dropout, cfg.max_len
         )
@@ -128,12 +130,13 @@ class WorldModel(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """World-model loss on a batch of sequences (SPEC §6.5).
 
-        ``obs`` uint8 ``[B, T, H, W, C]``, ``actions`` long ``[B, T]``, ``rewards`` and
+        ``obs`` uint8 ``[B, T, H, W, C]``, ``actions`` long ``[B, T]`` (float ``[B, T, A]``
+        when continuous), ``rewards`` and
         ``terminations`` ``[B, T]``. Reward and termination at step t belong to the
         transition (o_t, a_t) and are predicted from h_t. Returns the total loss and
         detached scalar metrics.
         """
-        batch, steps = actions.shape
+        batch, steps = actions.shape[:2]
         images = images_to_float(obs.flatten(0, 1))  # also the reconstruction target
         posterior = self.vae.encode_images(images)  # [B*T, stoch, classes] float32
         z = self.vae.sample(posterior)
@@ -181,7 +184,7 @@ class WorldModel(nn.Module):
         self, obs_ctx: torch.Tensor, act_ctx: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
         """Encode a context in one encoder call and one Transformer pass; last hidden state."""
-        batch, steps = act_ctx.shape
+        batch, steps = act_ctx.shape[:2]
         z = self.vae.sample(self.vae.encode(obs_ctx.flatten(0, 1)))
         tokens = self.mixer(z.view(batch, steps, -1), act_ctx)
         return self.transformer(tokens, cache)[:, -1]
@@ -225,17 +228,16 @@ class WorldModel(nn.Module):
             cache = self.transformer.new_cache()
             hidden = self._context_hidden(obs_ctx, act_ctx, cache)
             states = torch.empty(batch, horizon + 1, self.state_dim, device=hidden.device)
-            actions = torch.empty(batch, horizon, dtype=torch.long, device=hidden.device)
-            hiddens = []
+            actions, hiddens = [], []  # actions: [B] long or [B, A] float per step
             for step in range(horizon):
                 z, state = self._prior_state(hidden)
                 states[:, step] = state
-                actions[:, step] = policy(state)
-                token = self.mixer(z.unsqueeze(1), actions[:, step : step + 1])
+                actions.append(policy(state))
+                token = self.mixer(z.unsqueeze(1), actions[-1].unsqueeze(1))
                 hidden = self.transformer(token, cache)[:, 0]
                 hiddens.append(hidden)
             states[:, horizon] = self._prior_state(hidden)[1]
             imagined = torch.stack(hiddens, dim=1)
             rewards = self.two_hot.decode(self.reward_head(imagined))
             terminations = (self.termination_head(imagined) > 0).float()
-        return Imagination(states, actions, rewards, terminations)
+        return Imagination(states, torch.stack(actions, dim=1), rewards, terminations)
