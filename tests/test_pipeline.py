@@ -29,6 +29,7 @@ def COPY_IGNORE(folder: str, names: list[str]) -> set[str]:
         ignored |= set(_RESULTS(folder, names))
     return ignored
 GAMES = ("Pong", "Breakout")                          # the smoke scale's Atari games
+MT_TASKS = ("reach-v3", "button-press-topdown-v3")    # and Meta-World tasks
 PROTOCOLS = ("storm_compat", "atari100k_standard")    # STORM runs both; MoW the default one
 DAG_RULES = {"collect", "pretrain", "cluster", "train_mow", "train_storm", "evaluate", "aggregate", "figures", "report",
              "all"}
@@ -46,6 +47,11 @@ def make_copy(tmp_path: Path) -> Path:
     for name in PROTOCOLS:
         smoke["protocols"][name].update(eval_episodes=1, eval_envs=1, max_frames=1000)
     smoke["warmup"].update(collect_steps=100, pretrain_steps=5, cluster_batches=1)
+    # Meta-World renders every step (tens of steps/s on 2 cores): its own, smaller budget
+    metaworld = smoke["suites"]["metaworld"]
+    metaworld["train"].update(env_steps=160, warmup_steps=80, checkpoint_every=80)
+    metaworld["warmup"].update(collect_steps=40)
+    smoke["protocols"]["metaworld_mt50"].update(eval_episodes=1, eval_envs=1, episode_steps=40)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work
 
@@ -78,8 +84,8 @@ def test_smoke_dag_runs_every_rule_and_a_rerun_has_nothing_to_do(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     stats = job_stats(res.stderr + res.stdout)
     assert set(stats) - {"total"} == DAG_RULES, stats  # every rule of the DAG ran ...
-    assert stats["train_storm"] == len(GAMES) * len(PROTOCOLS) and stats["train_mow"] == 2  # ... once per run
-    assert stats["evaluate"] == len(GAMES) * len(PROTOCOLS) + 2 * len(GAMES)                 # ... and task
+    assert stats["train_storm"] == len(GAMES) * len(PROTOCOLS) and stats["train_mow"] == 3  # ... once per run
+    assert stats["evaluate"] == len(GAMES) * len(PROTOCOLS) + 2 * len(GAMES) + len(MT_TASKS)  # ... and task
     check_smoke_outputs(work)
     start = time.monotonic()
     dry = snakemake(work, "-n", "--config", "ablations=[no_experts]")
@@ -117,6 +123,10 @@ def check_smoke_outputs(work: Path) -> None:
         record = json.loads(raw.read_text())
         assert record["protocol"] == raw.parts[-5] and len(record["returns"]) == 1
         assert record["protocol_config"]["sticky_prob"] == (0.25 if record["protocol"] == "storm_compat" else 0.0)
+    mt_raws = sorted(work.glob("results/raw/smoke/metaworld/metaworld_mt50/mow/full/*/seed1.json"))
+    assert sorted(r.parts[-2] for r in mt_raws) == sorted(MT_TASKS)
+    for raw in mt_raws:
+        assert json.loads(raw.read_text())["success_rate"] in (0.0, 1.0)  # one episode
     for rule in ("collect", "pretrain", "cluster", "train_mow", "train_storm", "evaluate"):
         assert list((work / "logs/smoke" / rule).rglob("*.log")), rule
     for rule in RESULTS_RULES:
@@ -132,6 +142,7 @@ def check_smoke_outputs(work: Path) -> None:
     assert sorted(per_game["game"]) == sorted(GAMES)
     assert (per_game["storm_repro_seeds"] == 1).all() and (per_game["mow_repro_seeds"] == 1).all()
     assert {"mean HNS", "median HNS", "IQM HNS"} <= set(table["game"])
+    assert set(pd.read_csv(results / "metaworld_table.csv")["task"]) == {*MT_TASKS, "mean success"}
     report = (results / REPORT).read_text()
     assert "smoke" in report
     for name in FIGURES:
@@ -161,6 +172,11 @@ def check_smoke_outputs(work: Path) -> None:
         assert any(k.startswith("eval/") for k in r.data.metrics), r.info.run_name
     for r in [*storm_runs, mow_run]:
         assert len(r.data.metrics) > 3, r.info.run_name  # training metrics besides the evaluation
+    # Meta-World: its own experiment; the MoW run's children carry the success rate
+    mt_exp = client.get_experiment_by_name("mow-metaworld")
+    mt_runs = client.search_runs([mt_exp.experiment_id], max_results=100)
+    mt_children = [r for r in mt_runs if r.data.tags.get("mow.task") in MT_TASKS]
+    assert len(mt_children) == len(MT_TASKS) and all("eval/success_rate" in r.data.metrics for r in mt_children)
 
 
 def test_paper_scale_dry_run_plans_every_job(tmp_path):
