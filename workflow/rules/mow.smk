@@ -79,13 +79,14 @@ rule train_mow:
         imagination=f"{mow_run_dir('{protocol}', '{variant}', '{seed}')}/imagination.npz",
     log:
         f"logs/{SCALE}/train_mow/{{protocol}}/{{variant}}/seed{{seed}}.log",
-    threads: TRAIN_THREADS
+    threads: TRAIN_THREADS * NPROC   # per rank: TRAIN_THREADS
     resources:
         **MOW_TRAIN_RESOURCES,
     params:
         scale=SCALE,
+        rank_threads=TRAIN_THREADS,
     shell:
-        # MOW stays a global (see storm.smk): an interpreter path must not be a rerun trigger.
-        "{MOW} train --suite atari --method mow --seed {wildcards.seed} --protocol {wildcards.protocol} "
+        # MOW_TRAIN stays a global (see storm.smk): an interpreter path must not be a rerun trigger.
+        "{MOW_TRAIN} train --suite atari --method mow --seed {wildcards.seed} --protocol {wildcards.protocol} "
         "--variant {wildcards.variant} --scale {params.scale} --results-root results/raw "
-        "--set train.threads={threads} --no-progress > {log} 2>&1"
+        "--set train.threads={params.rank_threads} --no-progress > {log} 2>&1"
