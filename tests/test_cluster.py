@@ -149,6 +149,17 @@ def slurm_snakemake(work: Path, env: dict, log: Path) -> subprocess.Popen:
                             cwd=work, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
+def queued(uuid: str) -> list[str]:
+    """Jobs of SLURM run `uuid` still pending or running, after up to 30 s for a cancel to land."""
+    for _ in range(60):
+        ids = subprocess.run(["squeue", "-h", "-n", uuid, "-t", "PD,R", "-o", "%i"], capture_output=True, text=True,
+                             timeout=30).stdout.split()
+        if not ids:
+            break
+        time.sleep(0.5)
+    return ids
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("cluster")
@@ -196,8 +207,7 @@ def runs(tmp_path_factory):
         print(f"first SLURM run, interrupted: {time.monotonic() - start:.0f} s")
         first = (base / "slurm1.log").read_text()
         assert stopped_while, f"no moment with a finished and a running job: {first[-3000:]}"
-        left_running = subprocess.run(["squeue", "-h", "-n", re.search(r"SLURM run ID: (\S+)", first).group(1),
-                                       "-t", "PD,R,CG", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        left_running = queued(re.search(r"SLURM run ID: (\S+)", first).group(1))
         done = finished_jobs(first)
         kept = {out: (work / out).stat().st_mtime_ns for j in done for out in job_outputs(first, j)}
 
@@ -213,6 +223,9 @@ def runs(tmp_path_factory):
         yield SimpleNamespace(work=work, local=local, first=first, second=second, uri=uri, done=done, kept=kept,
                               stopped_while=stopped_while, left_running=left_running)
     finally:
+        for log in base.glob("slurm*.log"):   # a failed run leaves nothing behind on the cluster
+            for uuid in re.findall(r"SLURM run ID: (\S+)", log.read_text()):
+                subprocess.run(["scancel", "--name", uuid], capture_output=True, timeout=30)
         if reference.poll() is None:
             reference.send_signal(signal.SIGINT)
             reference.wait(timeout=120)
