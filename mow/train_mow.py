@@ -77,15 +77,21 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def check_ranks(params: Params, world: int) -> None:
+    """The ranks change what is computed (env seeds, per-rank budgets): the recorded
+    parameters must say how many there are."""
+    if params["train"]["nproc_per_node"] != world:
+        raise ConfigError(f"train.nproc_per_node: {params['train']['nproc_per_node']} but launched with {world} "
+                          f"rank(s); pass --set train.nproc_per_node={world}")
+
+
 class MultiTaskTrainer(Trainer):
     def __init__(self, spec: RunSpec, params: Params, **kwargs):
         self.tasks = check_suite_tasks(params, spec.suite)
         self.num_tasks = len(self.tasks)
         self.rank, self.world = distributed()
         cfg = params["train"]
-        if cfg["nproc_per_node"] != self.world:  # the ranks change what is computed: the config must say so
-            raise ConfigError(f"train.nproc_per_node: {cfg['nproc_per_node']} but launched with {self.world} "
-                              f"rank(s); pass --set train.nproc_per_node={self.world}")
+        check_ranks(params, self.world)
         for key in ("wm_batch", "imag_batch"):
             if cfg[key] % self.world:
                 raise ConfigError(f"train.{key}: {cfg[key]} is not divisible by the {self.world} data-parallel ranks")

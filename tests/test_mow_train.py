@@ -160,6 +160,7 @@ def _nothing_written(project: Path) -> None:
     (["--set", "suites.sanity.tasks=[side]"], "model.mow.num_clusters: 2 clusters for 1 tasks"),
     (["--task", "side"], "--task: mow trains every task"),
     (["--variant", "bogus"], "variant: unknown variant 'bogus'"),
+    (["--set", "train.nproc_per_node=2"], "train.nproc_per_node: 2 but launched with 1 rank(s)"),
 ])
 def test_bad_mow_input_is_one_line_and_writes_nothing(project, extra, message):
     res = run_mow(["train", "--suite", "sanity", "--method", "mow", "--no-track", *extra], cwd=project)
