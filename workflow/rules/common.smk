@@ -105,9 +105,10 @@ TRAIN_RESOURCES = dict(mem_mb=32000, runtime=600, gpu=1) if PAPER else dict(mem_
 # MoW trains all 26 games in one model (~255 M parameters) for 26 x 102k env steps, data
 # parallel over `train.nproc_per_node` ranks in one job (torchrun on one node): one GPU per
 # rank at the paper scale (`sbatch --gpus=N`), TRAIN_THREADS CPUs per rank (the job's threads).
+# The ranks share the replay (each holds 1/N of the env steps); each adds a model copy.
 NPROC = P["train"]["nproc_per_node"]
-MOW_TRAIN_RESOURCES = (dict(mem_mb=128000 * NPROC, runtime=7 * 1440, gpu=NPROC) if PAPER
-                       else dict(mem_mb=6000 * NPROC, runtime=30, gpu=0))
+MOW_TRAIN_RESOURCES = (dict(mem_mb=128000 + 16000 * (NPROC - 1), runtime=7 * 1440, gpu=NPROC) if PAPER
+                       else dict(mem_mb=6000 + 2000 * (NPROC - 1), runtime=30, gpu=0))
 # The training command of train_mow: `python -m mow`, or torchrun starting NPROC ranks of it
 # (--standalone: a single-node rendezvous on a free local port, so jobs sharing a node never
 # collide). Ranks talk NCCL on GPUs, gloo on CPU (mow/train_mow.py).
