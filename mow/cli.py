@@ -199,10 +199,11 @@ def _train_mow(args, params, spec) -> int:
     from mow.checkpoint import file_sha256
     from mow.evaluate import evaluate, load_model
     from mow.runtime import Runtime, select_device
-    from mow.train_mow import MultiTaskTrainer, distributed
+    from mow.train_mow import MultiTaskTrainer, check_ranks, distributed
 
     tasks = warmup.check_suite_tasks(params, spec.suite)
     rank, world = distributed()
+    check_ranks(params, world)   # before the warm-up writes anything
     data, pretrained, clusters = _warmup_paths(args, params, spec)
     if clusters.is_file():  # refuse a stale file before anything is written
         warmup.check_clusters_file(clusters, tasks, params)

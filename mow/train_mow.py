@@ -16,7 +16,7 @@ subclass changes what it holds and how batches are formed:
   as K single-task STORMs would run, each on a task-mixed batch.
 - Models: MoWWorldModel + MultiTaskActorCritic, clusters from `clusters.json`, initialised
   from the warm-up weights (every cluster VAE/head set starts from the shared one).
-- Data parallel (`torchrun --nproc_per_node N -m mow train --method mow ...`): every rank
+- Data parallel (`torchrun --nproc_per_node N -m mow train --method mow --set train.nproc_per_node=N`): every rank
   steps its own envs (distinct seeds) for env_steps / N agent steps per task and builds
   batches of size B / N; gradients and normaliser / BatchNorm statistics are averaged
   over ranks after every update, so the ranks hold identical weights and the global batch
@@ -81,12 +81,21 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def check_ranks(params: Params, world: int) -> None:
+    """The ranks change what is computed (env seeds, per-rank budgets): the recorded
+    parameters must say how many there are."""
+    if params["train"]["nproc_per_node"] != world:
+        raise ConfigError(f"train.nproc_per_node: {params['train']['nproc_per_node']} but launched with {world} "
+                          f"rank(s); pass --set train.nproc_per_node={world}")
+
+
 class MultiTaskTrainer(Trainer):
     def __init__(self, spec: RunSpec, params: Params, **kwargs):
         self.tasks = check_suite_tasks(params, spec.suite)
         self.num_tasks = len(self.tasks)
         self.rank, self.world = distributed()
         cfg = params["train"]
+        check_ranks(params, self.world)
         for key in ("wm_batch", "imag_batch"):
             if cfg[key] % self.world:
                 raise ConfigError(f"train.{key}: {cfg[key]} is not divisible by the {self.world} data-parallel ranks")

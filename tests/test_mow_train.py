@@ -100,7 +100,7 @@ def test_sigkill_midway_then_rerun_ends_with_identical_weights(project):
 @pytest.mark.slow
 def test_two_gloo_ranks_end_with_identical_weights(project):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mow",
-           "train", "--seed", "3", "--no-eval", "--no-track", *TINY, "--set", "train.wm_batch=8",
+           "train", "--seed", "3", "--no-eval", "--no-track", *TINY, "--set", "train.nproc_per_node=2", "--set", "train.wm_batch=8",
            "--set", "train.imag_batch=64"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=900)

@@ -38,6 +38,7 @@ CASES = {
     "more_clusters_than_tasks": (MOW + ["--set", "suites.sanity.tasks=[side]"], {}, "model.mow.num_clusters"),
     "mow_with_a_task": (MOW + ["--task", "side"], {}, "--task"),
     "unknown_variant": (MOW + ["--variant", "bogus"], {}, "bogus"),
+    "ranks_differ_from_nproc": (MOW + ["--set", "train.nproc_per_node=2"], {}, "train.nproc_per_node: 2 but launched with 1 rank"),
     "variant_for_storm": (STORM + ["--variant", "no_experts"], {}, "--variant"),
     "evaluate_zero_episodes": (["evaluate", *BASE, "--game", "Pong", "--episodes", "0"], {}, "--episodes"),
     "evaluate_missing_model": (["evaluate", "--model", "missing/model.ckpt", "--out", "x.json"], {}, "missing/model.ckpt"),

@@ -142,8 +142,17 @@ PAPER = SCALE == "paper"
 # thread, so on a 2-core machine two smoke jobs run side by side instead.
 TRAIN_THREADS = 2 if PAPER else 1
 TRAIN_RESOURCES = dict(mem_mb=32000, runtime=600, gpu=1) if PAPER else dict(mem_mb=4000, runtime=30, gpu=0)
-# MoW trains all 26 games in one model (~255 M parameters) for 26 x 102k env steps.
-MOW_TRAIN_RESOURCES = dict(mem_mb=128000, runtime=7 * 1440, gpu=1) if PAPER else dict(mem_mb=6000, runtime=30, gpu=0)
+# MoW trains all 26 games in one model (~255 M parameters) for 26 x 102k env steps, data
+# parallel over `train.nproc_per_node` ranks in one job (torchrun on one node): one GPU per
+# rank at the paper scale (`sbatch --gpus=N`), TRAIN_THREADS CPUs per rank (the job's threads).
+# The ranks share the replay (each holds 1/N of the env steps); each adds a model copy.
+NPROC = P["train"]["nproc_per_node"]
+MOW_TRAIN_RESOURCES = (dict(mem_mb=128000 + 16000 * (NPROC - 1), runtime=7 * 1440, gpu=NPROC) if PAPER
+                       else dict(mem_mb=6000 + 2000 * (NPROC - 1), runtime=30, gpu=0))
+# The training command of train_mow: `python -m mow`, or torchrun starting NPROC ranks of it
+# (--standalone: a single-node rendezvous on a free local port, so jobs sharing a node never
+# collide). Ranks talk NCCL on GPUs, gloo on CPU (mow/train_mow.py).
+MOW_TRAIN = MOW if NPROC == 1 else f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node {NPROC} -m mow"
 COLLECT_RESOURCES = dict(mem_mb=16000, runtime=60, gpu=0) if PAPER else dict(mem_mb=2000, runtime=10, gpu=0)
 WARMUP_RESOURCES = dict(mem_mb=32000, runtime=240, gpu=1) if PAPER else dict(mem_mb=4000, runtime=10, gpu=0)
 # Evaluation plays the protocol's episodes (100 at most) with a loaded model: one GPU helps.

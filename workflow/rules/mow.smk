@@ -76,12 +76,14 @@ rule train_mow:
         imagination=f"{MOW_RUN}/imagination.npz",
     log:
         f"logs/{SCALE}/train_mow/{{suite}}/{{protocol}}/{{variant}}/seed{{seed}}.log",
-    threads: TRAIN_THREADS
+    threads: TRAIN_THREADS * NPROC   # per rank: TRAIN_THREADS
     resources:
         **MOW_TRAIN_RESOURCES,
     params:
         scale=SCALE,
+        rank_threads=TRAIN_THREADS,
     shell:
-        "{MOW} train --suite {wildcards.suite} --method mow --seed {wildcards.seed} "
+        # MOW_TRAIN stays a global (see storm.smk): an interpreter path must not be a rerun trigger.
+        "{MOW_TRAIN} train --suite {wildcards.suite} --method mow --seed {wildcards.seed} "
         "--protocol {wildcards.protocol} --variant {wildcards.variant} --scale {params.scale} "
-        "--set train.threads={threads} --no-eval --no-progress > {log} 2>&1"
+        "--set train.threads={params.rank_threads} --no-eval --no-progress > {log} 2>&1"
