@@ -37,21 +37,25 @@ RESULTS_RULES = ("aggregate", "figures", "report")
 BIN = Path(sys.executable).parent
 
 
-def make_copy(tmp_path: Path) -> Path:
-    """The project without its outputs, at the smallest smoke budget that still runs every step."""
+def make_copy(tmp_path: Path, metaworld: bool = True) -> Path:
+    """The project without its outputs, at the smallest smoke budget that still runs every step
+    (`metaworld=False`: without the Meta-World suite, for tests about the Atari DAG alone)."""
     work = tmp_path / "project"
     shutil.copytree(REPO, work, ignore=COPY_IGNORE)
     params = yaml.safe_load((work / "params.yaml").read_text())
     smoke = params["scales"]["smoke"]
+    if not metaworld:
+        for tree in (params, smoke):
+            del tree["suites"]["metaworld"], tree["protocols"]["metaworld_mt50"]
     smoke["train"].update(env_steps=300, warmup_steps=200, checkpoint_every=100, log_every=100)
     for name in PROTOCOLS:
         smoke["protocols"][name].update(eval_episodes=1, eval_envs=1, max_frames=1000)
     smoke["warmup"].update(collect_steps=100, pretrain_steps=5, cluster_batches=1)
-    # Meta-World renders every step (tens of steps/s on 2 cores): its own, smaller budget
-    metaworld = smoke["suites"]["metaworld"]
-    metaworld["train"].update(env_steps=160, warmup_steps=80, checkpoint_every=80)
-    metaworld["warmup"].update(collect_steps=40)
-    smoke["protocols"]["metaworld_mt50"].update(eval_episodes=1, eval_envs=1, episode_steps=40)
+    if metaworld:  # Meta-World renders every step (tens of steps/s on 2 cores): a smaller budget
+        mt = smoke["suites"]["metaworld"]
+        mt["train"].update(env_steps=160, warmup_steps=80, checkpoint_every=80)
+        mt["warmup"].update(collect_steps=40)
+        smoke["protocols"]["metaworld_mt50"].update(eval_episodes=1, eval_envs=1, episode_steps=40)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work
 
