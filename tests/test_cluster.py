@@ -33,7 +33,6 @@ import yaml
 from test_pipeline import make_copy
 
 TARGET = "results/atari_table.csv"   # STORM on the default protocol, the MoW chain, evaluation, aggregation
-ONLY_FULL = ["--config", "ablations=none"]   # MoW's full variant (the smoke scale runs every variant)
 GAMES = ("Pong", "Breakout")
 RULES = {"collect", "pretrain", "cluster", "train_mow", "train_storm", "evaluate", "aggregate"}
 MOW_RUN = "runs/smoke/atari/storm_compat/mow/full/all/seed1"
@@ -146,8 +145,7 @@ def job_stats(log: str) -> dict[str, int]:
 def slurm_snakemake(work: Path, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/slurm", TARGET,
                              # no slurmdbd on the test cluster: ask squeue (the profile says when)
-                             "--slurm-status-command", "squeue", "--slurm-keep-successful-logs", *FAST_POLL,
-                             *ONLY_FULL],
+                             "--slurm-status-command", "squeue", "--slurm-keep-successful-logs", *FAST_POLL],
                             cwd=work, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -165,7 +163,7 @@ def queued(uuid: str) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("cluster")
-    work = make_copy(base, metaworld=False)
+    work = make_copy(base, metaworld=False, variants=("full",))
     params = yaml.safe_load((work / "params.yaml").read_text())
     smoke = params["scales"]["smoke"]
     smoke["train"]["nproc_per_node"] = 2   # train_mow: one job, 2 torchrun ranks (gloo)
@@ -184,8 +182,7 @@ def runs(tmp_path_factory):
     # do not depend on the load; the serial MoW chain leaves each run a core idle otherwise).
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'local.db'}"}
     local_start = time.monotonic()
-    reference = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2", TARGET, *ONLY_FULL], cwd=local,
-                                 env=env,
+    reference = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2", TARGET], cwd=local, env=env,
                                  stdout=open(base / "local.log", "w"), stderr=subprocess.STDOUT)
     try:
         wait_for_server(server, uri, base / "server.log")
