@@ -53,6 +53,29 @@ class AgentConfig:
             raise ValueError(f"slow_critic_decay must be in [0, 1], got {self.slow_critic_decay}")
 
 
+class NonFiniteOutput(FloatingPointError):
+    """A network produced NaN/Inf where an action distribution was needed (diverged
+    weights: a learning rate far too high, an overflow). `rows` are the batch rows hit."""
+
+    def __init__(self, what: str, rows: list[int]):
+        super().__init__(f"non-finite {what} in rows {rows}")
+        self.what, self.rows = what, rows
+
+
+def sample_actions(dist: Categorical) -> torch.Tensor:
+    """`dist.sample()`, with NaN logits reported as NonFiniteOutput instead of torch's bare
+    multinomial error. torch.multinomial already checks its input (a host sync it always
+    makes); the logits are only inspected once it has failed, so a healthy step pays nothing."""
+    try:
+        return dist.sample()
+    except RuntimeError:
+        # normalised logits are NaN where a raw logit was NaN or +-inf (masked actions stay -inf)
+        bad = torch.isnan(dist.logits).reshape(-1, dist.logits.shape[-1]).any(dim=-1)
+        if not bool(bad.any()):
+            raise
+        raise NonFiniteOutput("actor/logits", bad.nonzero().flatten().tolist()) from None
+
+
 def mask_logits(logits: torch.Tensor, action_mask: torch.Tensor | None) -> torch.Tensor:
     """Set the logits of illegal actions to -inf (mask: bool, True = legal, broadcastable)."""
     if action_mask is None:
@@ -91,7 +114,7 @@ class ActorCritic(nn.Module):
     ) -> torch.Tensor:
         """Long ``[B]`` actions: sampled, or the most likely legal one when ``greedy``."""
         dist = self.policy(state, action_mask)
-        return dist.logits.argmax(dim=-1) if greedy else dist.sample()
+        return dist.logits.argmax(dim=-1) if greedy else sample_actions(dist)
 
     def compute_loss(
         self, imag: Imagination, action_mask: torch.Tensor | None = None
@@ -230,7 +253,7 @@ class MultiTaskActorCritic(nn.Module):
     @torch.no_grad()
     def act(self, state: torch.Tensor, task_ids: torch.Tensor, greedy: bool = False) -> torch.Tensor:
         dist = self.policy(state, task_ids)
-        return dist.logits.argmax(dim=-1) if greedy else dist.sample()
+        return dist.logits.argmax(dim=-1) if greedy else sample_actions(dist)
 
     def _by_cluster(self, modules: nn.ModuleList, states: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
         clusters = self.cluster_of_task[task_ids]
