@@ -1,7 +1,9 @@
-"""A NaN loss stops training with the step, task and loss name; the MLflow run is FAILED,
-the last good checkpoint is kept and no model is written. The NaN is real: one weight of the
-reward head in a real checkpoint is poisoned (what a bit flip or an overflow would leave),
-so the first world-model update computes a NaN reward loss."""
+"""Divergence stops training with one line naming the env step, the task(s) and what went
+non-finite; the MLflow run is FAILED, the last good checkpoint is kept and no model is
+written. Each NaN is real: a poisoned weight in a real checkpoint (what a bit flip or an
+overflow would leave; for MoW in one cluster's head, so only its task is named), a reward
+function that returns NaN (a sanity env subclass put in the registry), and a learning rate
+of 1e30 whose first Adam step blows the actor's weights up."""
 
 from __future__ import annotations
 
