@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -129,6 +130,9 @@ def _check(tree: dict, source: str) -> None:
         raise ConfigError(f"{source}: {errs[0]}{more}")
 
 
+_PLAIN_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.env_steps=5000` -> (['train', 'env_steps'], 5000); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
@@ -138,6 +142,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
+    if isinstance(value, str) and _PLAIN_FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads `1e-3` and `1.0e30` as strings; on a command line they are numbers
     return key.strip().split("."), value
 
 

@@ -22,7 +22,7 @@ from mow import checkpoint
 from mow.config import Params
 from mow.envs import SUCCESS_SUITES, action_spec, make_env
 from mow.envs.vector import VectorEnv
-from mow.models.actor_critic import ActorCritic
+from mow.models.actor_critic import ActorCritic, NonFiniteOutput
 from mow.models.world_model import WorldModel
 from mow.policy import ContextWindow, Policy, random_actions
 from mow.replay import ReplayBuffer
@@ -140,6 +140,10 @@ class Trainer:
     def _random_actions(self) -> np.ndarray:
         return random_actions(self.action_rng, self.envs.num_envs, self.num_actions, self.continuous)
 
+    def _env_task(self, env: int) -> str:
+        """The task env `env` of the vector env plays."""
+        return self.spec.task
+
     def _wm_loss(self) -> tuple[torch.Tensor, dict]:
         batch = self.replay.sample(self.cfg["wm_batch"], self.cfg["wm_seq_len"])
         with self.runtime.autocast():
@@ -238,7 +242,11 @@ class Trainer:
         self.metrics.add(metrics)
 
     def update_actor_critic(self) -> None:
-        loss, metrics, imagination = self._ac_loss()
+        try:
+            loss, metrics, imagination = self._ac_loss()
+        except NonFiniteOutput as exc:  # the imagined rollout samples from the actor
+            self._check_finite([f"imag/{exc.what}"], self._weight_hint(self.ac))
+            raise
         trainable = [p for p in self.ac.parameters() if p.requires_grad]
         self.ac_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -268,7 +276,12 @@ class Trainer:
     def act(self, obs_t: torch.Tensor) -> np.ndarray:
         actions = None
         if self.step >= self.cfg["warmup_steps"]:
-            actions = self.policy(self.context, obs_t, greedy=False)
+            try:
+                actions = self.policy(self.context, obs_t, greedy=False)
+            except NonFiniteOutput as exc:
+                self._check_finite(sorted({f"{exc.what}/{self._env_task(i)}" for i in exc.rows}),
+                                   self._weight_hint(self.ac))
+                raise
         if actions is None:
             return self._random_actions()
         return actions.cpu().numpy()
@@ -318,6 +331,7 @@ class Trainer:
             obs_t = torch.from_numpy(self.obs).to(self.runtime.device)
             actions = self.act(obs_t)
             out = self.envs.step(actions)
+            self._check_rewards(out.reward)
             terminal = out.terminated | (out.life_loss if self.protocol.get("life_loss_termination") else False)
             self.replay.add(self.obs, actions, out.reward, terminal)
             self.context.push(obs_t, torch.from_numpy(np.asarray(actions)).to(self.runtime.device))
@@ -360,9 +374,31 @@ class Trainer:
         if bar is not None:
             bar.close()
 
-    def _check_finite(self, bad: list[str]) -> None:
+    def _check_rewards(self, rewards: np.ndarray) -> None:
+        """A NaN/Inf reward from an env would enter the replay and only fail later, far from
+        the cause (inside the symlog two-hot encoding of the reward loss): stop at the env
+        step that returned it. Host-side numpy over num_envs values: no device sync."""
+        if np.isfinite(rewards).all():
+            return
+        bad = np.flatnonzero(~np.isfinite(rewards))
+        self._check_finite(sorted({f"env/reward/{self._env_task(i)}" for i in bad}),
+                           f" returned by the environment ({', '.join(f'env {i}: {rewards[i]}' for i in bad)})",
+                           step=self.step + self.envs_per_task)
+
+    @staticmethod
+    def _weight_hint(module: torch.nn.Module) -> str:
+        """Where a diverged module's weights went (computed only once training has failed)."""
+        stats = [(float(p.detach().abs().max()), n) for n, p in module.named_parameters() if p.numel()]
+        nan = [n for v, n in stats if v != v]
+        if nan:
+            return f" (NaN weights in {', '.join(nan[:3])})"
+        top, name = max(stats)
+        return f" (largest weight |{name}| = {top:.3g}: is a learning rate too high?)"
+
+    def _check_finite(self, bad: list[str], detail: str = "", step: int | None = None) -> None:
         """Stop on NaN/Inf metrics (checked at every log and before every checkpoint), naming
-        the step, the task(s) and the losses; the newest checkpoint predates them."""
+        the step, the task(s) and the losses; the newest checkpoint predates them. `detail`
+        follows the names; `step` is the env step the fault belongs to (default: now)."""
         if not bad:
             return
         tasks = getattr(self, "tasks", (self.spec.task,))
@@ -371,8 +407,8 @@ class Trainer:
                                                           f"a batch mixing tasks {', '.join(tasks)}")
         kept = (f"last good checkpoint {self._state_file()} (env step {self.saved_step}) is kept"
                 if self.saved_step is not None else "no checkpoint was written")
-        raise TrainingDiverged(f"{self.spec.name}: training diverged at env step {self.step} ({where}): "
-                               f"non-finite {', '.join(sorted(bad))}; {kept}")
+        raise TrainingDiverged(f"{self.spec.name}: training diverged at env step {self.step if step is None else step} "
+                               f"({where}): non-finite {', '.join(sorted(bad))}{detail}; {kept}")
 
     def _write_model(self) -> None:
         checkpoint.save(model_path(self.run_dir), {

@@ -145,6 +145,9 @@ class MultiTaskTrainer(Trainer):
     def _random_actions(self) -> np.ndarray:
         return random_legal_actions(self.action_rng, self.masks, self.task_of_env.numpy(), self.num_actions)
 
+    def _env_task(self, env: int) -> str:
+        return self.tasks[env // self.envs_per_task]
+
     # -- checkpoint per rank ----------------------------------------------------------------
     def _state_file(self) -> Path:
         path = state_path(self.run_dir)

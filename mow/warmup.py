@@ -35,6 +35,7 @@ from mow.models.mow_world_model import MoWWorldModel
 from mow.policy import random_actions
 from mow.replay import ReplayBuffer
 from mow.runtime import make_runtime, rng_state, seed_everything, set_rng_state
+from mow.train import TrainingDiverged
 
 DATA_FORMAT = 1
 PRETRAIN_FORMAT = 1
@@ -110,9 +111,15 @@ def collect(params: Params, suite: str, protocol_name: str, seed: int, out: Path
     obs = envs.reset(seed=seed * 100_000)
     bar = _bar(progress, steps, f"collect {suite}/seed{seed}")
     try:
-        for _ in range(steps):
+        for n in range(steps):
             actions = random_legal_actions(rng, masks, task_of_env, size)
             step = envs.step(actions)
+            if not np.isfinite(step.reward).all():  # it would poison every later loss, far from here
+                bad = np.flatnonzero(~np.isfinite(step.reward))
+                raise TrainingDiverged(
+                    f"collect {suite}/seed{seed}: the environment returned a non-finite reward at step {n + 1} "
+                    f"({', '.join(f'task {tasks[task_of_env[i]]}: {step.reward[i]}' for i in bad)}); "
+                    "nothing was written")
             terminal = step.terminated | (step.life_loss if protocol.get("life_loss_termination") else False)
             replay.add(obs, actions, step.reward, terminal)
             obs = step.obs

@@ -69,6 +69,29 @@ class AgentConfig:
             raise ValueError(f"slow_critic_decay must be in [0, 1], got {self.slow_critic_decay}")
 
 
+class NonFiniteOutput(FloatingPointError):
+    """A network produced NaN/Inf where an action distribution was needed (diverged
+    weights: a learning rate far too high, an overflow). `rows` are the batch rows hit."""
+
+    def __init__(self, what: str, rows: list[int]):
+        super().__init__(f"non-finite {what} in rows {rows}")
+        self.what, self.rows = what, rows
+
+
+def sample_actions(dist: Categorical) -> torch.Tensor:
+    """`dist.sample()`, with NaN logits reported as NonFiniteOutput instead of torch's bare
+    multinomial error. torch.multinomial already checks its input (a host sync it always
+    makes); the logits are only inspected once it has failed, so a healthy step pays nothing."""
+    try:
+        return dist.sample()
+    except RuntimeError:
+        # normalised logits are NaN where a raw logit was NaN or +-inf (masked actions stay -inf)
+        bad = torch.isnan(dist.logits).reshape(-1, dist.logits.shape[-1]).any(dim=-1)
+        if not bool(bad.any()):
+            raise
+        raise NonFiniteOutput("actor/logits", bad.nonzero().flatten().tolist()) from None
+
+
 def mask_logits(logits: torch.Tensor, action_mask: torch.Tensor | None) -> torch.Tensor:
     """Set the logits of illegal actions to -inf (mask: bool, True = legal, broadcastable)."""
     if action_mask is None:
@@ -88,7 +111,7 @@ def _actor(cfg: AgentConfig, state_dim: int, num_actions: int, continuous: bool)
 def _act(dist: Categorical | TanhGaussian, greedy: bool) -> torch.Tensor:
     if isinstance(dist, TanhGaussian):
         return dist.mode() if greedy else dist.sample()
-    return dist.logits.argmax(dim=-1) if greedy else dist.sample()
+    return dist.logits.argmax(dim=-1) if greedy else sample_actions(dist)
 
 
 class ActorCritic(nn.Module):
