@@ -32,7 +32,7 @@ from mow.envs import legal_action_mask, make_env
 from mow.envs.vector import VectorEnv
 from mow.models.mow_world_model import MoWWorldModel
 from mow.replay import ReplayBuffer
-from mow.runtime import make_runtime, rng_state, seed_everything, set_rng_state
+from mow.runtime import adam, make_runtime, rng_state, seed_everything, set_rng_state
 
 DATA_FORMAT = 1
 PRETRAIN_FORMAT = 1
@@ -158,7 +158,7 @@ def pretrain(params: Params, suite: str, seed: int, data: Path, out: Path, *, pr
     replay = load_data(data, tasks, device, params["warmup"]["collect_steps"])
     model = warmup_model(params, len(tasks), num_actions(suite, tasks)).to(device)
     cfg, wu = params["train"], params["warmup"]
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["wm_lr"], eps=cfg["wm_eps"])
+    opt = adam(model.parameters(), lr=cfg["wm_lr"], eps=cfg["wm_eps"])
     state_file = out.with_name(out.stem + ".state.ckpt")
     step = 0
     found = checkpoint.load_latest(state_file, warn=log)
