@@ -1,6 +1,8 @@
 """Throughput benchmark: world-model updates/s, imagination rollouts/s, actor-critic
-updates/s and env steps/s (Atari Pong; Meta-World with 64x64 rendering), per scale and
-precision, on the current device; written as JSON.
+updates/s and env steps/s (Atari Pong; Meta-World with 64x64 rendering), per scale and precision, on the current device; peak memory;
+MoW's cost relative to STORM; optionally (``--sweep``) how MoW's update time and parameter
+count grow with the number of tasks and experts against K separate STORMs; an estimate of
+the device-hours of the paper-scale DAG. Written as JSON plus a figure next to it.
 
 Timings are medians over `repeats` after one warm-up call. Speed targets are judged from
 this file (ratios within one run), never by timed assertions in tests.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from datetime import datetime, timezone
@@ -21,7 +24,7 @@ import torch
 
 from mow.checkpoint import atomic_write_text
 from mow.config import Params
-from mow.runtime import Runtime, make_runtime
+from mow.runtime import Runtime, adam, make_runtime
 
 # The official STORM code measured on this project's reference CPU (2 vCPU AMD EPYC,
 # fp32, 2 threads; DESIGN.md): seconds per world-model update at 16x64 and per 1024x16
@@ -77,8 +80,8 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
     else:
         wm, ac = build_models(params, num_actions, device)
         extra = None
-    wm_opt = torch.optim.Adam(wm.parameters(), lr=cfg["wm_lr"])
-    ac_opt = torch.optim.Adam([p for p in ac.parameters() if p.requires_grad], lr=cfg["ac_lr"], eps=cfg["ac_eps"])
+    wm_opt = adam(wm.parameters(), lr=cfg["wm_lr"])
+    ac_opt = adam([p for p in ac.parameters() if p.requires_grad], lr=cfg["ac_lr"], eps=cfg["ac_eps"])
     gen = torch.Generator().manual_seed(0)
     size = wm_cfg["image_size"]
 
@@ -125,6 +128,8 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
         ac_opt.step()
         ac.update_slow_critic()
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t_wm = _time(wm_update, repeats, device)
     t_im = _time(imagine, repeats, device) * full_batch / ib
     t_ac = _time(ac_update, repeats, device) * full_batch / ib
@@ -136,7 +141,126 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
         "imagine_and_ac_update_s": t_im + t_ac,
         "train_step_s": t_wm + t_im + t_ac,  # one env step's updates at update_ratio 1
         "parameters": sum(p.numel() for p in wm.parameters()) + sum(p.numel() for p in ac.parameters()),
+        **peak_memory(device),
     }
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident set size of this process so far (MiB; it only grows, so a later entry
+    includes the earlier ones) and, on CUDA, the peak allocated GPU memory since the last
+    reset (MiB)."""
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _total_params(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def bench_scaling(params: Params, runtime: Runtime, *, tasks=(2, 4, 8, 16, 26), experts=(3, 6, 12),
+                  batch: tuple[int, int] = (16, 16), repeats: int = 1) -> dict:
+    """MoW world-model update time and parameter count against the number of tasks K (at
+    the configured N_e) and of experts N_e (at K = 26), next to K separate STORMs.
+
+    Parameter counts are exact (models built on the meta device, actor-critic included).
+    Times are one world-model update (loss, backward, clipping, Adam) at the reduced batch
+    ``batch`` (rows cycle through the tasks as in training); N_m = min(num_clusters, K).
+    K STORMs run K updates per env step of every task, as does MoW (update_ratio counts
+    updates summed over tasks), so the per-update time ratio is the per-env-step cost ratio.
+    """
+    from mow.models import storm_parameter_breakdown
+    from mow.models.actor_critic import MultiTaskActorCritic
+    from mow.models.mow_world_model import MoWWorldModel
+    from mow.models.world_model import WorldModel
+
+    device, num_actions = runtime.device, 18
+    cfg, base = params["train"], params.mow_config(26)
+    B, T = batch
+    size = base.world.image_size
+    gen = torch.Generator().manual_seed(0)
+    obs = torch.randint(0, 256, (B, T, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
+    act = torch.randint(0, num_actions, (B, T), generator=gen).to(device)
+    rew, term = torch.randn(B, T, generator=gen).to(device), torch.zeros(B, T, device=device)
+
+    def update_time(model, extra=()):
+        opt = adam(model.parameters(), lr=cfg["wm_lr"])
+
+        def step():
+            model.train()
+            with runtime.autocast():
+                loss, _ = model.compute_loss(obs, act, rew, term, *extra)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["wm_clip"])
+            opt.step()
+        return _time(step, repeats, device)
+
+    storm_params = sum(storm_parameter_breakdown(num_actions, base.world, params.agent_config()).values())
+    storm_s = update_time(WorldModel(base.world, num_actions).to(device))
+
+    def point(k: int, n_e: int) -> dict:
+        import dataclasses
+
+        mcfg = dataclasses.replace(base, num_tasks=k, num_experts=n_e, num_clusters=min(base.num_clusters, k),
+                                   top_k=min(base.top_k, n_e))
+        masks = torch.ones(k, num_actions, dtype=torch.bool)  # validated on the host, outside "meta"
+        with torch.device("meta"):
+            meta_wm = MoWWorldModel(mcfg, num_actions)
+            meta_ac = MultiTaskActorCritic(params.agent_config(), meta_wm.state_dim, num_actions, masks,
+                                           mcfg.num_clusters)
+        n_params = _total_params(meta_wm, meta_ac)
+        del meta_wm, meta_ac
+        model = MoWWorldModel(mcfg, num_actions).to(device)
+        seconds = update_time(model, ((torch.arange(B) % k).to(device),))
+        del model
+        print(f"bench: sweep K={k} N_e={n_e}: {seconds:.2f} s/update, {n_params / 1e6:.1f} M parameters", flush=True)
+        return {"tasks": k, "experts": n_e, "clusters": mcfg.num_clusters, "wm_update_s": seconds,
+                "parameters": n_params, "storms_parameters": k * storm_params,
+                "update_cost_vs_storm": seconds / storm_s, "parameters_vs_k_storms": n_params / (k * storm_params)}
+
+    by_tasks = [point(k, base.num_experts) for k in tasks]
+    reuse = {p["experts"]: p for p in by_tasks if p["tasks"] == 26}
+    by_experts = [reuse.get(n) or point(26, n) for n in experts]
+    return {"batch": [B, T], "storm_wm_update_s": storm_s, "storm_parameters": storm_params,
+            "by_tasks": by_tasks, "by_experts": by_experts, **peak_memory(device)}
+
+
+def paper_dag_estimate(params: Params, paper: dict, env_steps_per_s: float) -> dict:
+    """Device-hours of the paper-scale DAG on the benchmarked device, from its measured
+    per-update and per-env-step costs: every STORM job (Atari protocols x games x seeds)
+    and every MoW job (variants x seeds, each priced as the full model: the ablations are
+    cheaper or equal), plus each MoW job's warm-up (collection and offline pretraining).
+    Evaluation episodes are not counted (minutes per job)."""
+    cfg, warm = params["train"], params["warmup"]
+    games = len(params.tasks("atari"))
+    seeds = len(params["seeds"])
+    protocols = [n for n, p in params["protocols"].items() if p["suite"] == "atari"]
+    per_env_step = 1.0 / env_steps_per_s
+    steps, ratio = cfg["env_steps"], cfg["update_ratio"]
+    storm_job_s = steps * (ratio * paper["train_step_s"] + per_env_step)
+    mow = paper["mow"]
+    mow_job_s = (games * steps * (ratio * mow["train_step_s"] + per_env_step)
+                 + games * warm["collect_steps"] * per_env_step + warm["pretrain_steps"] * mow["wm_update_s"])
+    storm_jobs, mow_jobs = len(protocols) * games * seeds, len(params["variants"]) * seeds
+    hours = {"storm_job_h": storm_job_s / 3600, "storm_jobs": storm_jobs,
+             "storm_total_h": storm_jobs * storm_job_s / 3600,
+             "mow_job_h": mow_job_s / 3600, "mow_jobs": mow_jobs, "mow_total_h": mow_jobs * mow_job_s / 3600}
+    hours["total_h"] = hours["storm_total_h"] + hours["mow_total_h"]
+    return hours
 
 
 def bench_env(protocol: dict, seconds: float = 3.0) -> dict:
@@ -175,7 +299,14 @@ def bench_metaworld_env(protocol: dict | None, seconds: float = 3.0) -> dict:
         return {"metaworld_error": str(exc)}
 
 
-def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3, imag_batch: int | None = None) -> dict:
+def end_to_end_env_steps_per_s(result: dict, env_steps_per_s: float, update_ratio: float) -> float:
+    """Env steps/s of the sequential training loop (step the env, then update_ratio updates),
+    from the measured parts: 1 / (env step time + update_ratio x one step's updates)."""
+    return 1.0 / (1.0 / env_steps_per_s + update_ratio * result["train_step_s"])
+
+
+def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3, imag_batch: int | None = None,
+              sweep: bool = False, sweep_batch: tuple[int, int] = (16, 16)) -> dict:
     results: dict = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -183,11 +314,18 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "official_storm_reference_cpu_fp32": OFFICIAL_STORM_CPU_FP32, "scales": {},
     }
+    print("bench: env steps/s ...", flush=True)
+    any_params = next(iter(params_by_scale.values()))
+    results["env"] = bench_env(dict(any_params.protocol("storm_compat")))
+    env_sps = results["env"]["pong_x1_env_steps_per_s"]
     for scale, params in params_by_scale.items():
         base = make_runtime(params["train"])
         results["device"] = str(base.device)
+        results["device_name"] = device_name(base.device)
+        results["threads"] = torch.get_num_threads()
         precisions = [None, torch.bfloat16] if native_bf16(base.device) else [None]
         per_scale = {}
+        ratio = params["train"]["update_ratio"]
         for dtype in precisions:
             runtime = Runtime(base.device, dtype)
             print(f"bench: scale={scale} precision={runtime.precision} on {base.device} ...", flush=True)
@@ -197,6 +335,8 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
             storm["mow"] = mow
             # both methods run update_ratio updates per env step (MoW: summed over tasks)
             storm["mow_vs_storm_update_cost"] = mow["train_step_s"] / storm["train_step_s"]
+            storm["end_to_end_env_steps_per_s"] = end_to_end_env_steps_per_s(storm, env_sps, ratio)
+            mow["end_to_end_env_steps_per_s"] = end_to_end_env_steps_per_s(mow, env_sps, ratio)
             per_scale[runtime.precision] = storm
         if scale == "paper" and base.device.type == "cpu":
             for prec, r in per_scale.items():
@@ -204,13 +344,70 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
                     "wm_update": OFFICIAL_STORM_CPU_FP32["wm_update_s"] / r["wm_update_s"],
                     "imagine_and_ac_update": OFFICIAL_STORM_CPU_FP32["imagine_and_ac_update_s"] / r["imagine_and_ac_update_s"],
                 }
+        if scale == "paper":
+            fastest = min(per_scale.values(), key=lambda r: r["train_step_s"])
+            results["paper_dag_device_hours"] = {"device": results["device_name"],
+                                                 **paper_dag_estimate(params, fastest, env_sps)}
         results["scales"][scale] = per_scale
-    print("bench: env steps/s ...", flush=True)
-    any_params = next(iter(params_by_scale.values()))
-    results["env"] = bench_env(dict(any_params.protocol("storm_compat")))
     print("bench: Meta-World env steps/s with rendering ...", flush=True)
     mw = [dict(p) for p in any_params["protocols"].values() if p["suite"] == "metaworld"]
     results["env"].update(bench_metaworld_env(mw[0] if mw else None))
-    atomic_write_text(Path(out), json.dumps(results, indent=1) + "\n")
+    if sweep:
+        scale, params = next(((s, p) for s, p in params_by_scale.items() if s == "paper"),
+                             next(iter(params_by_scale.items())))
+        runtime = make_runtime(params["train"])
+        print(f"bench: MoW scaling sweep at scale={scale}, batch {sweep_batch[0]}x{sweep_batch[1]} ...", flush=True)
+        results["scaling"] = {"scale": scale, **bench_scaling(params, runtime, batch=sweep_batch)}
+    out = Path(out)
+    atomic_write_text(out, json.dumps(results, indent=1) + "\n")
+    results["figure"] = str(write_figure(results, out.with_suffix(".png")))
     print(json.dumps(results, indent=1))
     return results
+
+
+def write_figure(results: dict, path: Path) -> Path:
+    """Per-step seconds of STORM and MoW per scale; with a sweep, parameters and update time
+    against the number of tasks (MoW vs K STORMs) and against the number of experts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = results.get("scaling")
+    fig, axes = plt.subplots(1, 3 if sweep else 1, figsize=(15 if sweep else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    labels, parts = [], {"wm_update_s": [], "imagine_s": [], "ac_update_s": []}
+    for scale, per in results["scales"].items():
+        for prec, r in per.items():
+            for name, entry in (("STORM", r), ("MoW", r["mow"])):
+                labels.append(f"{name}\n{scale} {prec}")
+                for key in parts:
+                    parts[key].append(entry[key])
+    bottom = np.zeros(len(labels))
+    for key, values in parts.items():
+        ax.bar(labels, values, bottom=bottom, label=key.removesuffix("_s").replace("_", " "))
+        bottom += np.asarray(values)
+    ax.set_ylabel("seconds per env step's updates")
+    ax.set_title(f"{results.get('device_name', results['device'])}, {results['threads']} threads")
+    ax.legend(fontsize=8)
+    if sweep:
+        ks = [p["tasks"] for p in sweep["by_tasks"]]
+        ax = axes[0][1]
+        ax.plot(ks, [p["parameters"] / 1e6 for p in sweep["by_tasks"]], "o-", label="MoW (one model)")
+        ax.plot(ks, [p["storms_parameters"] / 1e6 for p in sweep["by_tasks"]], "s--", label="K separate STORMs")
+        ax.set_xlabel("tasks K")
+        ax.set_ylabel("parameters (M)")
+        ax.legend(fontsize=8)
+        ax = axes[0][2]
+        ax.plot(ks, [p["update_cost_vs_storm"] for p in sweep["by_tasks"]], "o-", label="vs tasks (N_e fixed)")
+        ne = [p["experts"] for p in sweep["by_experts"]]
+        ax.plot(ne, [p["update_cost_vs_storm"] for p in sweep["by_experts"]], "s-", label="vs experts (K=26)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel("tasks K / experts N_e")
+        ax.set_ylabel(f"MoW / STORM update time (batch {sweep['batch'][0]}x{sweep['batch'][1]})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

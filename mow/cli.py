@@ -96,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput benchmark (JSON)")
     _common(p)
     p.add_argument("--scales", default="smoke,paper", help="comma-separated scales to measure")
-    p.add_argument("--out", type=Path, default=Path("bench/bench.json"))
+    p.add_argument("--out", type=Path, default=Path("results/bench/bench.json"),
+                   help="JSON output; the figure is written next to it (.png)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sweep", action="store_true",
+                   help="also time MoW against the number of tasks (2-26) and experts (3, 6, 12)")
+    p.add_argument("--sweep-batch", default="16x16", help="BxT batch of the sweep's updates")
     p.add_argument("--imag-batch", type=int, default=None, help="override the imagination batch (scaled to the full batch)")
 
     p = sub.add_parser("sync-mlflow", help="send MLflow calls spooled while the store was down")
@@ -398,7 +402,14 @@ def cmd_bench(args) -> int:
     params = {s: load_params(args.params, scale=s, overrides=args.overrides) for s in scales}  # validate first
     if args.repeats < 1:
         raise UsageError(f"--repeats: must be >= 1, got {args.repeats}")
-    run_bench(params, out=args.out, repeats=args.repeats, imag_batch=args.imag_batch)
+    try:
+        sweep_batch = tuple(int(v) for v in args.sweep_batch.lower().split("x"))
+    except ValueError:
+        sweep_batch = ()
+    if len(sweep_batch) != 2 or min(sweep_batch) < 1:
+        raise UsageError(f"--sweep-batch: expected BxT with positive integers, got {args.sweep_batch!r}")
+    run_bench(params, out=args.out, repeats=args.repeats, imag_batch=args.imag_batch, sweep=args.sweep,
+              sweep_batch=sweep_batch)
     return 0
 
 

@@ -27,7 +27,7 @@ from mow.models.world_model import WorldModel
 from mow.policy import ContextWindow, Policy, random_actions
 from mow.replay import ReplayBuffer
 from mow.runs import RunSpec, model_path, state_path
-from mow.runtime import make_runtime, rng_state, seed_everything, set_rng_state
+from mow.runtime import adam, make_runtime, rng_state, seed_everything, set_rng_state
 from mow.tracking import Tracker, flatten
 
 CHECKPOINT_FORMAT = 1
@@ -103,9 +103,9 @@ class Trainer:
         self.num_actions, self.continuous = action_spec(self.envs.single_action_space)
         action_dim = self.num_actions if self.continuous else 0
         self.wm, self.ac = self._build_models(device)
-        self.wm_opt = torch.optim.Adam(self.wm.parameters(), lr=self.cfg["wm_lr"], eps=self.cfg["wm_eps"])
-        self.ac_opt = torch.optim.Adam([p for p in self.ac.parameters() if p.requires_grad],
-                                       lr=self.cfg["ac_lr"], eps=self.cfg["ac_eps"])
+        self.wm_opt = adam(self.wm.parameters(), lr=self.cfg["wm_lr"], eps=self.cfg["wm_eps"])
+        self.ac_opt = adam([p for p in self.ac.parameters() if p.requires_grad],
+                           lr=self.cfg["ac_lr"], eps=self.cfg["ac_eps"])
         obs_shape = self.envs.single_observation_space.shape
         n = self.envs.num_envs
         self.replay = ReplayBuffer(self.cfg["buffer_capacity"] * self.num_tasks, n, obs_shape, device=device,

@@ -1,0 +1,91 @@
+"""Every speed optimisation keeps the numerics (issue 9). No test here measures time:
+throughput is `mow bench`'s job; these only pin the values against a plain reference.
+
+Tolerances: fp32 kernels that only reorder sums agree to 1e-5 relative; bf16 autocast
+(8-bit mantissa) is held to 5 % on a loss of order 1e3 and 2e-2 absolute on activations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mow.models.transformer import CausalSelfAttention, KVCache
+from mow.models.world_model import WorldModel, WorldModelConfig
+from mow.runtime import adam, tune_cpu_allocator
+
+torch.set_num_threads(2)
+
+TINY = WorldModelConfig(
+    image_size=16, encoder_channels=(4, 8), stoch=4, classes=4, d_model=16, layers=1, heads=2,
+    ffn=32, max_len=8, head_hidden=16, head_layers=1, reward_bins=17,
+)
+
+
+def reference_attention(module: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """Unfused causal attention written out: softmax(q k^T / sqrt(d) + causal mask) v."""
+    batch, steps, width = x.shape
+    q, k, v = module.qkv(x).view(batch, steps, 3, module.heads, -1).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    future = torch.ones(steps, steps, dtype=torch.bool).triu(1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+    return module.out((weights @ v).transpose(1, 2).reshape(batch, steps, width))
+
+
+def test_fused_attention_matches_reference_with_and_without_cache():
+    torch.manual_seed(0)
+    attention = CausalSelfAttention(32, 4, dropout=0.0).eval()
+    x = torch.randn(3, 7, 32)
+    expected = reference_attention(attention, x)
+    torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
+    # the KV-cache path: a 4-step prefix, then one step at a time (imagination)
+    cache = KVCache(1, 8)
+    chunks = [attention(x[:, :4], cache, 0)]
+    cache.advance(4)
+    for t in range(4, 7):
+        chunks.append(attention(x[:, t : t + 1], cache, 0))
+        cache.advance(1)
+    torch.testing.assert_close(torch.cat(chunks, 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_adam_matches_the_loop_implementation():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 5))
+    b = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 5))
+    b.load_state_dict(a.state_dict())
+    fused = adam(a.parameters(), lr=1e-2, eps=1e-5)
+    loop = torch.optim.Adam(b.parameters(), lr=1e-2, eps=1e-5, foreach=False)
+    assert fused.defaults["fused"]
+    x, y = torch.randn(16, 12), torch.randn(16, 5)
+    for _ in range(5):
+        for model, opt in ((a, fused), (b, loop)):
+            loss = (model(x) - y).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_world_model_loss_within_tolerance():
+    torch.manual_seed(0)
+    model = WorldModel(TINY, 3).train()
+    obs = torch.randint(0, 256, (2, 4, 16, 16, 3), dtype=torch.uint8)
+    act, rew, term = torch.randint(0, 3, (2, 4)), torch.randn(2, 4), torch.zeros(2, 4)
+    torch.manual_seed(1)
+    fp32, _ = model.compute_loss(obs, act, rew, term)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16, _ = model.compute_loss(obs, act, rew, term)
+    assert bf16.dtype == torch.float32  # losses are always reduced in fp32
+    assert abs(bf16.item() - fp32.item()) <= 0.05 * abs(fp32.item())
+
+
+def test_allocator_tuning_is_idempotent_and_keeps_values():
+    torch.manual_seed(0)
+    x = torch.randn(64, 1 << 16)  # 16 MiB: a block glibc would otherwise mmap
+    before = (x @ x.T).sum()
+    first = tune_cpu_allocator()
+    assert tune_cpu_allocator() == first
+    assert torch.equal((x @ x.T).sum(), before)
