@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from test_pipeline import make_copy
+from test_pipeline import job_stats, make_copy
 
 TARGET = "results/atari_table.csv"   # STORM on the default protocol, the MoW chain, evaluation, aggregation
 GAMES = ("Pong", "Breakout")
@@ -129,17 +129,6 @@ def job_outputs(log: str, jobid: int) -> list[str]:
             match = re.search(r"^\s+output: (.+)$", block, flags=re.M)
             return [p.strip() for p in match.group(1).split(",")] if match else []
     raise AssertionError(f"job {jobid} not in the log")
-
-
-def job_stats(log: str) -> dict[str, int]:
-    block = log.split("Job stats:", 1)[1]
-    counts = {}
-    for line in block.splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def slurm_snakemake(work: Path, env: dict, log: Path) -> subprocess.Popen:
