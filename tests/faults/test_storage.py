@@ -124,3 +124,19 @@ def test_read_only_output_folder_is_one_line_and_keeps_the_previous_checkpoint(f
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "Read-only file system" in lines[-1] and str(run) in lines[-1], err
     assert state.read_bytes() == before
+
+
+def test_truncated_warmup_replay_file_is_named_and_nothing_is_pretrained(tmp_path):
+    """The MoW warm-up replay (`mow collect`'s output, read by pretrain and cluster) is a
+    checksummed file too: a truncated one is refused by path, never half-loaded."""
+    from faultkit import PARAMS, TINY_MOW, sets
+
+    common = ["--params", str(PARAMS), "--suite", "sanity", "--seed", "1", "--no-progress", *sets(TINY_MOW)]
+    code, _, err = mow_cli(["collect", *common])
+    assert code == 0, err
+    (data,) = (tmp_path / "runs").rglob("warmup_data/seed1/replay.ckpt")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    code, _, err = mow_cli(["pretrain", *common])
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("mow: error:") and str(data.relative_to(tmp_path)) in line, err
+    assert not list((tmp_path / "runs").rglob("pretrain*.ckpt"))
