@@ -76,12 +76,31 @@ def _from_safe(obj: Any) -> Any:
     return obj
 
 
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process named in a temporary's name (`.<file>.<pid>.tmp`) still runs here."""
+    try:
+        pid = int(tmp.name.rsplit(".", 2)[-2])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def _write_temp(path: Path, data: bytes) -> Path:
     """`data` in a synced temporary file next to `path` (same file system: rename is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # temporaries a killed writer left behind would pile up (GBs at paper scale)
+    # temporaries a killed writer left behind would pile up (GBs at paper scale); those of a
+    # live writer (another DDP rank writing the same file) are not stale
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+        if not _writer_alive(stale):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:

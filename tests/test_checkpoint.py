@@ -85,3 +85,24 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         checkpoint.atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.ckpt"]
+
+
+def test_a_save_removes_dead_writers_temporaries_but_not_a_live_writers(tmp_path):
+    """Two DDP ranks may write the same file at once: one must not delete the other's temporary."""
+    import subprocess
+
+    from mow.checkpoint import atomic_write_text
+
+    live = subprocess.Popen(["sleep", "30"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        target = tmp_path / "config.yaml"
+        mine, theirs = tmp_path / f".config.yaml.{dead.pid}.tmp", tmp_path / f".config.yaml.{live.pid}.tmp"
+        mine.write_text("half"), theirs.write_text("half")
+        atomic_write_text(target, "a: 1\n")
+        assert target.read_text() == "a: 1\n"
+        assert not mine.exists() and theirs.exists()
+    finally:
+        live.kill()
+        live.wait()
