@@ -29,7 +29,7 @@ reproduce: install
 # Two pytest-xdist workers; tests of one xdist_group (e.g. the SLURM cluster) share a worker.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 bench: install
 	$(BIN)/mow bench
