@@ -60,7 +60,9 @@ def _cluster_missing() -> str | None:
 
 
 SKIP = _cluster_missing()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(SKIP is not None, reason=f"cluster tests: {SKIP}")]
+# one xdist worker runs the whole module, so the module-scoped run happens once (make test: --dist loadgroup)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm"),
+              pytest.mark.skipif(SKIP is not None, reason=f"cluster tests: {SKIP}")]
 
 
 def jobcomp_records() -> dict[str, dict[str, str]]:
