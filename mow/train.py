@@ -192,8 +192,12 @@ class Trainer:
         checkpoint.save(self._state_file(), self._state())
         self.saved_step = self.step
 
+    def _load_state(self) -> tuple[dict, Path] | None:
+        """The state to resume from: the newest intact checkpoint (or its `.prev`), or None."""
+        return checkpoint.load_latest(self._state_file(), warn=self.log)
+
     def restore(self) -> bool:
-        found = checkpoint.load_latest(self._state_file(), warn=self.log)
+        found = self._load_state()
         if found is None:
             return False
         state, path = found

@@ -142,6 +142,28 @@ class MultiTaskTrainer(Trainer):
             for tensor in list(self.wm.state_dict().values()) + list(self.ac.state_dict().values()):
                 dist.broadcast(tensor, src=0)
 
+    def _load_state(self):
+        """Ranks save one after another, so a kill can leave them one checkpoint apart: every
+        rank resumes from the newest step all of them hold (a newer rank takes its `.prev`)."""
+        found = super()._load_state()
+        if self.world == 1:
+            return found
+        step = torch.tensor([found[0]["step"] if found else -1], dtype=torch.long, device=self.runtime.device)
+        common = step.clone()
+        dist.all_reduce(common, op=dist.ReduceOp.MIN)
+        if int(common) == int(step):
+            return found
+        if int(common) < 0:  # a rank has no checkpoint at all: every rank starts over
+            return None
+        previous = checkpoint.previous_path(self._state_file())
+        state = checkpoint.load(previous) if previous.is_file() else None
+        if state is None or state["step"] != int(common):
+            raise checkpoint.CheckpointError(
+                f"{self._state_file()}: rank {self.rank} holds env step {int(step)} but another rank's newest "
+                f"checkpoint is step {int(common)}, and {previous.name} is not that step; delete the run's "
+                "checkpoints/ to start over")
+        return state, previous
+
     def _random_actions(self) -> np.ndarray:
         return random_legal_actions(self.action_rng, self.masks, self.task_of_env.numpy(), self.num_actions)
 

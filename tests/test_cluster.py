@@ -141,8 +141,8 @@ def slurm_snakemake(work: Path, env: dict, log: Path) -> subprocess.Popen:
 
 
 def queued(uuid: str) -> list[str]:
-    """Jobs of SLURM run `uuid` still pending or running, after up to 30 s for a cancel to land."""
-    for _ in range(60):
+    """Jobs of SLURM run `uuid` still pending or running, after up to 2 min for a cancel to land."""
+    for _ in range(240):
         ids = subprocess.run(["squeue", "-h", "-n", uuid, "-t", "PD,R", "-o", "%i"], capture_output=True, text=True,
                              timeout=30).stdout.split()
         if not ids:
