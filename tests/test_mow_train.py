@@ -76,7 +76,7 @@ def test_atari_smoke_chain_writes_every_output_and_an_mlflow_child_per_task(proj
     before = raw.stat().st_mtime_ns
     res = run_mow(["evaluate", "--method", "mow", "--seed", "1", "--episodes", "1"], cwd=project)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "Pong: mean return" in res.stdout and "Breakout: mean return" in res.stdout
+    assert "mow/Pong/seed1: mean return" in res.stdout and "mow/Breakout/seed1: mean return" in res.stdout
     assert raw.stat().st_mtime_ns != before
 
 

@@ -52,7 +52,7 @@ def test_smoke_pong_writes_checkpoint_evaluation_and_mlflow_run(project):
     assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
     assert child.info.run_id == raw["mlflow_run_id"]
     assert child.data.params["train.env_steps"] == "600"
-    assert len(client.get_metric_history(child.info.run_id, "wm/total")) >= 5
+    assert len(client.get_metric_history(child.info.run_id, "wm/total")) >= 3  # logged every 100 env steps once updates start (200 of 600)
     assert "eval/mean_return" in child.data.metrics and "perf/env_steps_per_s" in child.data.metrics
     print(f"smoke Pong train + eval wall time: {elapsed:.1f} s")
 
