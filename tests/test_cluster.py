@@ -199,7 +199,11 @@ def runs(tmp_path_factory):
         first = (base / "slurm1.log").read_text()
         assert stopped_while, f"no moment with a finished and a running job: {first[-3000:]}"
         left_running = queued(re.search(r"SLURM run ID: (\S+)", first).group(1))
-        done = finished_jobs(first)
+        # with squeue as the status command a job cancelled by the interrupt looks finished too
+        # (it left the queue): done means COMPLETED in SLURM's own record
+        records, ids = jobcomp_records(), submitted(first)
+        done = {j: rule for j, rule in finished_jobs(first).items()
+                if records.get(ids.get(j), {}).get("JobState") == "COMPLETED"}
         kept = {out: (work / out).stat().st_mtime_ns for j in done for out in job_outputs(first, j)}
 
         start = time.monotonic()
