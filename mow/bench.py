@@ -57,6 +57,19 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def _wm_update(model, opt, runtime: Runtime, clip: float, batch: tuple):
+    """One world-model update on a fixed batch (what the trainer does per update), as a closure to time."""
+    def step():
+        model.train()
+        with runtime.autocast():
+            loss, _ = model.compute_loss(*batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return step
+
+
 def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int | None = None,
                  method: str = "storm") -> dict:
     """One env step's updates of `method`: STORM, or MoW over the 26 Atari games with
@@ -97,14 +110,7 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
 
     wm_args = (extra(B),) if extra else ()
 
-    def wm_update():
-        wm.train()
-        with runtime.autocast():
-            loss, _ = wm.compute_loss(obs, act, rew, term, *wm_args)
-        wm_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(wm.parameters(), cfg["wm_clip"])
-        wm_opt.step()
+    wm_update = _wm_update(wm, wm_opt, runtime, cfg["wm_clip"], (obs, act, rew, term, *wm_args))
 
     full_batch = cfg["imag_batch"]
     ib = min(imag_batch or full_batch, full_batch)
@@ -198,16 +204,7 @@ def bench_scaling(params: Params, runtime: Runtime, *, tasks=(2, 4, 8, 16, 26), 
 
     def update_time(model, extra=()):
         opt = adam(model.parameters(), lr=cfg["wm_lr"])
-
-        def step():
-            model.train()
-            with runtime.autocast():
-                loss, _ = model.compute_loss(obs, act, rew, term, *extra)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["wm_clip"])
-            opt.step()
-        return _time(step, repeats, device)
+        return _time(_wm_update(model, opt, runtime, cfg["wm_clip"], (obs, act, rew, term, *extra)), repeats, device)
 
     storm_params = sum(storm_parameter_breakdown(num_actions, base.world, params.agent_config()).values())
     storm_s = update_time(WorldModel(base.world, num_actions).to(device))

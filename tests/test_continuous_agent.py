@@ -17,20 +17,16 @@ from mow.models.actor_critic import ActorCritic, AgentConfig, MultiTaskActorCrit
 from mow.models.continuous import TanhGaussian
 from mow.models.mow_world_model import MoWConfig, MoWWorldModel
 from mow.models.transformer import TokenMixer
-from mow.models.world_model import WorldModel, WorldModelConfig
+from mow.models.world_model import WorldModel
 from mow.policy import ContextWindow
 from mow.replay import ReplayBuffer
 from mow.warmup import random_legal_actions
 
 from conftest import PARAMS
-
-torch.set_num_threads(2)
+from test_mow_models import TINY_WORLD
 
 A = 4  # Meta-World's action dimension
-WORLD = WorldModelConfig(
-    image_size=16, encoder_channels=(4, 8), stoch=4, classes=5, d_model=32, layers=1,
-    heads=2, ffn=32, max_len=32, head_hidden=16, head_layers=1, reward_bins=17,
-)  # fmt: skip
+WORLD = TINY_WORLD
 MOW = MoWConfig(
     world=WORLD, num_tasks=3, num_clusters=2, num_experts=3, top_k=2, task_embed_dim=8,
     router_hidden=16, expert_d_model=16, expert_layers=1, expert_heads=2, expert_ffn=24,
