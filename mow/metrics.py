@@ -147,12 +147,21 @@ def _check_matrix(x: np.ndarray, name: str = "scores") -> np.ndarray:
     return x
 
 
+def _iqm(x: np.ndarray) -> float:
+    """rliable's IQM (scipy.stats.trim_mean(x, 0.25, axis=None)) without scipy's per-call
+    argument handling, which made it ~70 % of a 2,000-resample bootstrap: the same cut
+    (int(0.25 n) cells off each end of the sorted run x game scores), the same mean."""
+    flat = np.sort(x, axis=None)
+    cut = int(0.25 * flat.size)
+    return float(flat[cut:flat.size - cut].mean())
+
+
 def _aggregate_vector(x: np.ndarray) -> np.ndarray:
     """All four aggregates at once, so one bootstrap pass serves them all."""
     return np.array([
         metrics.aggregate_mean(x),        # mean over games of per-game mean over seeds
         metrics.aggregate_median(x),      # median over games of per-game mean over seeds
-        metrics.aggregate_iqm(x),         # 25 % trimmed mean over all run x game cells
+        _iqm(x),                          # 25 % trimmed mean over all run x game cells
         metrics.aggregate_optimality_gap(x, gamma=1.0),
     ])
 

@@ -80,6 +80,15 @@ def test_iqm_and_optimality_gap_hand_checked():
     assert agg["optimality_gap"] == pytest.approx(1 - (28 / 8 + 8) / 16)  # clip at 1 -> 0.28125
 
 
+def test_fast_iqm_equals_rliables_on_odd_and_even_sizes():
+    from rliable import metrics as rl
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 3), (3, 5), (5, 26), (7, 13), (2, 2)]:
+        x = rng.normal(size=shape) * 10
+        assert m._iqm(x) == pytest.approx(rl.aggregate_iqm(x), rel=1e-12, abs=1e-12), shape
+
+
 def test_median_is_over_per_game_means_not_cells():
     x = np.array([[0, 0, 5], [0, 0, 5], [0, 3, 5]], dtype=float)  # per-game means 0, 1, 5
     agg = m.aggregate(x, reps=50)
