@@ -32,7 +32,7 @@ from mow.envs import SUCCESS_SUITES, action_spec, make_env
 from mow.envs.vector import VectorEnv
 from mow.policy import ContextWindow, Policy, random_actions
 from mow.runs import MULTITASK_METHODS, RunSpec
-from mow.runtime import Runtime, select_device
+from mow.runtime import Runtime, seeded, select_device
 from mow.tracking import git_commit
 from mow.train import build_models
 
@@ -140,11 +140,14 @@ def evaluate(model_file: Path | str, *, out_path: Path | str, episodes: int | No
     policy = Policy(wm, ac, runtime, act_latent=params["train"]["act_latent"], task_ids=task_ids)
     reports_success = spec.suite in SUCCESS_SUITES
     try:
-        eps = run_episodes(policy, envs, quotas, greedy=protocol["eval_policy"] == "greedy", seed=seed,
-                           act_context=params["train"]["act_context"], runtime=runtime,
-                           legal=(ac.action_masks[task_ids[0]].cpu().numpy()
-                                  if multitask and ac.action_masks is not None else None),
-                           success=reports_success)
+        # the policy samples from torch's generator: seeded, so an evaluation gives the same
+        # returns in any process (its own job, or in-process after training or another task)
+        with seeded(seed):
+            eps = run_episodes(policy, envs, quotas, greedy=protocol["eval_policy"] == "greedy", seed=seed,
+                               act_context=params["train"]["act_context"], runtime=runtime,
+                               legal=(ac.action_masks[task_ids[0]].cpu().numpy()
+                                      if multitask and ac.action_masks is not None else None),
+                               success=reports_success)
     finally:
         envs.close()
     returns = [e["return"] for e in eps]
