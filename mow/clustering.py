@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from sklearn.cluster import AgglomerativeClustering
 
 from mow.checkpoint import atomic_write_text
 
@@ -142,6 +141,10 @@ def cluster_tasks(similarity: np.ndarray, num_clusters: int, seed: int = 0) -> n
     distance = np.clip(1.0 - sim, 0.0, 2.0)
     distance = (distance + distance.T) / 2  # exact symmetry for scikit-learn
     np.fill_diagonal(distance, 0.0)
+    # imported here: scikit-learn takes ~2 s to import, and every evaluation and training
+    # job imports this module without clustering anything
+    from sklearn.cluster import AgglomerativeClustering
+
     labels = AgglomerativeClustering(
         n_clusters=num_clusters, metric="precomputed", linkage="average"
     ).fit_predict(distance)

@@ -474,3 +474,22 @@ def test_26_storm_agents_total_matches_reported_size():
     total = sum(sum(storm_parameter_breakdown(n).values()) for n in MINIMAL_ACTIONS.values())
     assert total == pytest.approx(518.19e6, rel=0.005)
     assert total * 4 / 2**20 == pytest.approx(1977.5, rel=0.005)  # fp32 MiB as reported
+
+
+def test_eval_mode_switches_every_module_and_restores_each_ones_own_mode():
+    from torch import nn
+
+    from mow.models.world_model import eval_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Sequential(nn.BatchNorm1d(2), nn.Dropout(0.1)))
+    model[2][1].eval()   # a submodule already in eval mode stays so
+    before = [m.training for m in model.modules()]
+    assert before == [True, True, True, True, True, False]
+    x = torch.ones(4, 2)
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+        assert torch.equal(model[1](x), x)   # dropout is off
+    assert [m.training for m in model.modules()] == before
+    with pytest.raises(RuntimeError), eval_mode(model):   # restored on an exception too
+        raise RuntimeError
+    assert [m.training for m in model.modules()] == before

@@ -157,4 +157,8 @@ COLLECT_RESOURCES = dict(mem_mb=16000, runtime=60, gpu=0) if PAPER else dict(mem
 WARMUP_RESOURCES = dict(mem_mb=32000, runtime=240, gpu=1) if PAPER else dict(mem_mb=4000, runtime=10, gpu=0)
 # Evaluation plays the protocol's episodes (100 at most) with a loaded model: one GPU helps.
 EVAL_RESOURCES = dict(mem_mb=16000, runtime=120, gpu=1) if PAPER else dict(mem_mb=2000, runtime=10, gpu=0)
+# Bootstrap resamples behind every confidence interval of the tables, figures and report:
+# rliable's 2,000 at the paper scale; 200 at smoke scale, whose 2 games x 1 seed make any
+# interval meaningless and whose results stages would otherwise be a minute of the DAG.
+BOOTSTRAP_REPS = 2000 if PAPER else 200
 REPORT_RESOURCES = dict(mem_mb=8000, runtime=60, gpu=0) if PAPER else dict(mem_mb=2000, runtime=10, gpu=0)

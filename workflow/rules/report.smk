@@ -21,8 +21,9 @@ rule aggregate:
     params:
         scale=SCALE,
         protocol=P["protocol"],
+        reps=BOOTSTRAP_REPS,
     shell:
-        "{MOW} aggregate --scale {params.scale} --protocol {params.protocol} > {log} 2>&1"
+        "{MOW} aggregate --scale {params.scale} --protocol {params.protocol} --reps {params.reps} > {log} 2>&1"
 
 
 rule figures:
@@ -39,8 +40,9 @@ rule figures:
     params:
         scale=SCALE,
         protocol=P["protocol"],
+        reps=BOOTSTRAP_REPS,
     shell:
-        "{MOW} figures --scale {params.scale} --protocol {params.protocol} > {log} 2>&1"
+        "{MOW} figures --scale {params.scale} --protocol {params.protocol} --reps {params.reps} > {log} 2>&1"
 
 
 rule report:
@@ -57,5 +59,6 @@ rule report:
     params:
         scale=SCALE,
         protocol=P["protocol"],
+        reps=BOOTSTRAP_REPS,
     shell:
-        "{MOW} report --scale {params.scale} --protocol {params.protocol} > {log} 2>&1"
+        "{MOW} report --scale {params.scale} --protocol {params.protocol} --reps {params.reps} > {log} 2>&1"
