@@ -13,8 +13,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mow.models.world_model import eval_mode
-
 
 class ContextWindow:
     """The last `length` (frame, action) pairs of every env, on the model's device; actions
@@ -70,7 +68,9 @@ class Policy:
         if context.count == 0:
             return None
         obs_ctx, act_ctx = context.view()
-        with eval_mode(self.wm):
+        was_training = self.wm.training
+        self.wm.eval()
+        try:
             tasks = () if self.task_ids is None else (self.task_ids,)
             with self.runtime.autocast():
                 state = self.wm.act_state(obs_ctx, act_ctx, *tasks)
@@ -80,6 +80,8 @@ class Policy:
                 if self.task_ids is not None:
                     return self.ac.act(state.float(), self.task_ids, greedy=greedy)
                 return self.ac.act(state.float(), greedy=greedy, action_mask=self.action_mask)
+        finally:
+            self.wm.train(was_training)
 
 
 def random_actions(rng: np.random.Generator, num_envs: int, num_actions: int, continuous: bool = False) -> np.ndarray:

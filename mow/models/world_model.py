@@ -87,19 +87,14 @@ class Imagination:
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put ``module`` in eval mode and restore every submodule's own mode afterwards.
-
-    Sets the flag in each module's ``__dict__``: ``nn.Module.train()`` and ``__setattr__``
-    walking MoW's ~200 modules cost more per acted env step than the smoke model's forward
-    pass. A module already in eval mode is not touched."""
-    switched = [m for m in module.modules() if m.training]
-    for m in switched:
-        m.__dict__["training"] = False
+    """Put ``module`` in eval mode and restore every submodule's own mode afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
         yield
     finally:
-        for m in switched:
-            m.__dict__["training"] = True
+        for m, training in modes:
+            m.training = training
 
 
 class WorldModel(nn.Module):
