@@ -26,10 +26,13 @@ install: $(STAMP)
 reproduce: install
 	$(BIN)/snakemake --cores all
 
-# Two pytest-xdist workers; tests of one xdist_group (e.g. the SLURM cluster) share a worker.
+# Two pytest-xdist workers, each running whole test modules (--dist loadscope), so a
+# module-scoped fixture (the SLURM cluster run, a finished training) is built once.
+# (--dist loadgroup does not group anything under pytest 9: it split the cluster module
+# over both workers, and each ran the 8-minute cluster pipeline.)
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=30
 
 bench: install
 	$(BIN)/mow bench

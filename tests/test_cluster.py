@@ -60,8 +60,8 @@ def _cluster_missing() -> str | None:
 
 
 SKIP = _cluster_missing()
-# one xdist worker runs the whole module, so the module-scoped run happens once (make test: --dist loadgroup)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm"),
+# one xdist worker runs the whole module, so the module-scoped run happens once (make test: --dist loadscope)
+pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(SKIP is not None, reason=f"cluster tests: {SKIP}")]
 
 
@@ -140,11 +140,13 @@ def slurm_snakemake(work: Path, env: dict, log: Path) -> subprocess.Popen:
                             cwd=work, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def queued(uuid: str) -> list[str]:
-    """Jobs of SLURM run `uuid` still pending or running, after up to 2 min for a cancel to land."""
+def queued(uuid: str, ignore: set[str]) -> list[str]:
+    """Jobs of SLURM run `uuid` (but `ignore`) still pending or running, after up to 2 min for a
+    cancel to land."""
     for _ in range(240):
         ids = subprocess.run(["squeue", "-h", "-n", uuid, "-t", "PD,R", "-o", "%i"], capture_output=True, text=True,
                              timeout=30).stdout.split()
+        ids = [i for i in ids if i not in ignore]
         if not ids:
             break
         time.sleep(0.5)
@@ -198,7 +200,11 @@ def runs(tmp_path_factory):
         print(f"first SLURM run, interrupted: {time.monotonic() - start:.0f} s")
         first = (base / "slurm1.log").read_text()
         assert stopped_while, f"no moment with a finished and a running job: {first[-3000:]}"
-        left_running = queued(re.search(r"SLURM run ID: (\S+)", first).group(1))
+        # A job whose sbatch was still in flight when the interrupt arrived escapes the plugin's
+        # cancel: Snakemake logs its submission after "Terminating processes" and the job runs
+        # to its end unattended (README, cluster section). Every other job must be cancelled.
+        late = set(submitted(first[first.index("Terminating processes on user request"):]).values())
+        left_running = queued(re.search(r"SLURM run ID: (\S+)", first).group(1), ignore=late)
         # with squeue as the status command a job cancelled by the interrupt looks finished too
         # (it left the queue): done means COMPLETED in SLURM's own record
         records, ids = jobcomp_records(), submitted(first)
@@ -216,7 +222,7 @@ def runs(tmp_path_factory):
         print(f"local run: {time.monotonic() - local_start:.0f} s")
         assert reference.returncode == 0, (base / "local.log").read_text()[-4000:]
         yield SimpleNamespace(work=work, local=local, first=first, second=second, uri=uri, done=done, kept=kept,
-                              stopped_while=stopped_while, left_running=left_running)
+                              stopped_while=stopped_while, left_running=left_running, late=late)
     finally:
         for log in base.glob("slurm*.log"):   # a failed run leaves nothing behind on the cluster
             for uuid in re.findall(r"SLURM run ID: (\S+)", log.read_text()):
@@ -291,8 +297,9 @@ def test_mow_trained_by_two_torchrun_ranks_in_one_slurm_job(runs):
 
 
 def test_interrupted_slurm_run_reruns_only_unfinished_jobs(runs):
-    # the interrupt cancelled the jobs that were running (the plugin's scancel) ...
-    assert runs.left_running == []
+    # the interrupt cancelled the jobs that were running (the plugin's scancel), except one
+    # submitted while Snakemake was already stopping ...
+    assert runs.left_running == [], f"not cancelled: {runs.left_running} (submitted during the stop: {runs.late})"
     records = jobcomp_records()
     # (one may have completed in the moment between the check and the signal)
     assert any(records[s]["JobState"] == "CANCELLED" for s in runs.stopped_while), runs.stopped_while

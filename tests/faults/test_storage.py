@@ -17,7 +17,6 @@ from mow.checkpoint import previous_path
 from faultkit import assert_same_weights, in_tmp, mow_cli, storm_args, storm_run  # noqa: F401 - fixture
 
 ARGS = ["--no-track", "--no-eval"]
-pytestmark = pytest.mark.xdist_group("storage")  # one worker builds the module's finished run once
 
 
 @pytest.fixture(scope="module")
