@@ -205,8 +205,7 @@ def runs(tmp_path_factory):
         # to its end unattended (README, cluster section). Every other job must be cancelled.
         late = set(submitted(first[first.index("Terminating processes on user request"):]).values())
         left_running = queued(re.search(r"SLURM run ID: (\S+)", first).group(1), ignore=late)
-        # with squeue as the status command a job cancelled by the interrupt looks finished too
-        # (it left the queue): done means COMPLETED in SLURM's own record
+        # done: the jobs Snakemake saw finish, as SLURM's own record confirms (COMPLETED)
         records, ids = jobcomp_records(), submitted(first)
         done = {j: rule for j, rule in finished_jobs(first).items()
                 if records.get(ids.get(j), {}).get("JobState") == "COMPLETED"}
