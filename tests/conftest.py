@@ -24,6 +24,20 @@ else:
     torch.set_num_threads(2)
 
 
+# The modules that run for minutes, longest first (durations of a CI run: MoW training with
+# its learning test ~11 min, the SLURM cluster run ~8, the smoke DAG ~6.5, STORM training
+# ~6.3, the Snakemake kill ~2). `make test` hands whole modules to its 2 workers in
+# collection order (--dist loadscope), so starting with these lets the short modules fill
+# the gaps and both workers end together, instead of two long ones starting last.
+LONGEST_FIRST = ("test_mow_train.py", "test_cluster.py", "test_pipeline.py", "test_train.py",
+                 "test_snakemake_kill.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))   # stable: order within a module kept
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
