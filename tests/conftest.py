@@ -24,11 +24,10 @@ else:
     torch.set_num_threads(2)
 
 
-# The modules that run for minutes, longest first (durations of a CI run: MoW training with
-# its learning test ~11 min, the SLURM cluster run ~8, the smoke DAG ~6.5, STORM training
-# ~6.3, the Snakemake kill ~2). `make test` hands whole modules to its 2 workers in
-# collection order (--dist loadscope), so starting with these lets the short modules fill
-# the gaps and both workers end together, instead of two long ones starting last.
+# The modules that run for minutes (6 to 13 min each in CI replicas on 2 cores; the Snakemake
+# kill ~1.5). `make test` hands whole modules to its 2 workers in collection order
+# (--dist loadscope), so starting with these lets the short modules fill the gaps, instead
+# of two long ones starting last on a worker each.
 LONGEST_FIRST = ("test_mow_train.py", "test_cluster.py", "test_pipeline.py", "test_train.py",
                  "test_snakemake_kill.py")
 
