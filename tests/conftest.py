@@ -24,19 +24,6 @@ else:
     torch.set_num_threads(2)
 
 
-# The modules that run for minutes (6 to 13 min each in CI replicas on 2 cores; the Snakemake
-# kill ~1.5). `make test` hands whole modules to its 2 workers in collection order
-# (--dist loadscope), so starting with these lets the short modules fill the gaps, instead
-# of two long ones starting last on a worker each.
-LONGEST_FIRST = ("test_mow_train.py", "test_cluster.py", "test_pipeline.py", "test_train.py",
-                 "test_snakemake_kill.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))   # stable: order within a module kept
-
-
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
