@@ -12,7 +12,7 @@ from mow.config import load_params
 from mow.envs import make_env
 from mow.envs.vector import VectorEnv
 from mow.evaluate import episode_quotas, run_episodes
-from mow.runtime import make_runtime
+from mow.runtime import make_runtime, seeded
 
 from conftest import PARAMS
 
@@ -63,3 +63,21 @@ def test_metaworld_success_flag_reaches_the_evaluation_episodes_and_goals_are_wa
     assert [(e["env"], e["goal"], e["success"]) for e in sorted(episodes, key=lambda e: (e["env"], e["goal"]))] == [
         (0, 0, True), (0, 1, True), (1, 2, False), (1, 3, False)]
     assert all(e["length"] == 30 for e in episodes)
+
+
+def test_seeded_block_is_reproducible_and_leaves_the_outer_streams_as_they_were():
+    def draw():
+        return torch.rand(3), np.random.rand()
+
+    torch.manual_seed(123)
+    np.random.seed(5)
+    untouched = draw()
+    torch.manual_seed(123)
+    np.random.seed(5)
+    with seeded(7):
+        first = draw()
+    with seeded(7):
+        again = draw()
+    assert torch.equal(first[0], again[0]) and first[1] == again[1]
+    outer = draw()   # the outer streams continue as if no seeded block had run
+    assert torch.equal(outer[0], untouched[0]) and outer[1] == untouched[1]

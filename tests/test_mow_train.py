@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -121,6 +122,20 @@ def test_two_gloo_ranks_end_with_identical_weights(project):
     # the ranks collected different experience (distinct env seeds)
     assert not torch.equal(rank0["replay"]["actions"], rank1["replay"]["actions"])
     assert (run_dir / "model.ckpt").is_file()
+
+    # The ranks save one after another, so a kill between their saves leaves rank 1 a
+    # checkpoint ahead: both must resume from the newest step both hold (rank 1 from its
+    # `.prev`) and end as the uninterrupted run did.
+    final = checkpoint.load(run_dir / "model.ckpt")
+    ckpts = run_dir / "checkpoints"
+    shutil.copy(checkpoint.previous_path(ckpts / "state.ckpt"), ckpts / "state.ckpt")
+    behind = checkpoint.load(ckpts / "state.ckpt")["step"]
+    assert behind < rank1["step"]
+    (run_dir / "model.ckpt").unlink()
+    res = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert f"at env step {behind}" in res.stdout + res.stderr
+    _weights_equal(final, checkpoint.load(run_dir / "model.ckpt"))
 
 
 # Three tasks with different dynamics (a lit half, a moving block, a colour cue). The agent
