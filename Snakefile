@@ -51,8 +51,9 @@ rule mow_all:     # every MoW run and evaluation, on every suite (dvc.yaml stage
 # Create the MLflow store, experiment and parent runs once, before jobs run in parallel
 # (mow/tracking_init.py). Not run by dry runs or when there is nothing to do.
 onstart:
+    parents = []
     for suite in mow_suites():
         runs = ["storm/full"] if suite == "atari" else []
         runs += [f"mow/{variant}" for variant in dict.fromkeys(v for _, v, _ in mow_runs(suite))]
-        parents = " ".join(f"--parent {p}" for p in runs)
-        shell(f"{sys.executable} -m mow.tracking_init --suite {suite} --scale {SCALE} {parents}")
+        parents += [f"--parent {suite}:{run}" for run in runs]
+    shell(f"{sys.executable} -m mow.tracking_init --scale {SCALE} {' '.join(parents)}")

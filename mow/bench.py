@@ -4,7 +4,8 @@ MoW's cost relative to STORM; optionally (``--sweep``) how MoW's update time and
 count grow with the number of tasks and experts against K separate STORMs; an estimate of
 the device-hours of the paper-scale DAG. Written as JSON plus a figure next to it.
 
-Timings are medians over `repeats` after one warm-up call. Speed targets are judged from
+Timings are medians over `repeats` after one warm-up call; STORM's and MoW's repeats are
+interleaved so that their ratio survives load changes on a shared machine. Speed targets are judged from
 this file (ratios within one run), never by timed assertions in tests.
 """
 
@@ -70,85 +71,107 @@ def _wm_update(model, opt, runtime: Runtime, clip: float, batch: tuple):
     return step
 
 
-def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int | None = None,
-                 method: str = "storm") -> dict:
-    """One env step's updates of `method`: STORM, or MoW over the 26 Atari games with
-    task-mixed batches (rows cycle through the tasks, as in training)."""
-    from mow.train import build_models
-    from mow.train_mow import build_mow_models
+class _Setup:
+    """One method's models, optimisers and fixed inputs, with the three timed parts of an env
+    step's updates as closures: world-model update, imagination, actor-critic update (which
+    learns from the imagination just made)."""
 
-    cfg, wm_cfg = params["train"], params["model"]["world_model"]
-    device, num_actions = runtime.device, 18
-    if method == "mow":
-        from mow.envs import ATARI_GAMES
+    def __init__(self, params: Params, runtime: Runtime, imag_batch: int | None, method: str):
+        from mow.train import build_models
+        from mow.train_mow import build_mow_models
 
-        tasks = ATARI_GAMES
-        wm, ac = build_mow_models(params, "atari", tasks, num_actions,
-                                  [k % params["model"]["mow"]["num_clusters"] for k in range(len(tasks))], device)
+        cfg, wm_cfg = params["train"], params["model"]["world_model"]
+        device, num_actions = runtime.device, 18
+        self.method, self.device = method, device
+        if method == "mow":  # the 26 Atari games; rows cycle through the tasks, as in training
+            from mow.envs import ATARI_GAMES
 
-        def task_ids(b):
-            return (torch.arange(b) % len(tasks)).to(device)
+            tasks = ATARI_GAMES
+            wm, ac = build_mow_models(params, "atari", tasks, num_actions,
+                                      [k % params["model"]["mow"]["num_clusters"] for k in range(len(tasks))], device)
 
-        extra = task_ids
-    else:
-        wm, ac = build_models(params, num_actions, device)
-        extra = None
-    wm_opt = adam(wm.parameters(), lr=cfg["wm_lr"])
-    ac_opt = adam([p for p in ac.parameters() if p.requires_grad], lr=cfg["ac_lr"], eps=cfg["ac_eps"])
-    gen = torch.Generator().manual_seed(0)
-    size = wm_cfg["image_size"]
+            def extra(b):
+                return ((torch.arange(b) % len(tasks)).to(device),)
+        else:
+            wm, ac = build_models(params, num_actions, device)
 
-    def frames(b, t):
-        return torch.randint(0, 256, (b, t, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
+            def extra(b):
+                return ()
+        wm_opt = adam(wm.parameters(), lr=cfg["wm_lr"])
+        ac_opt = adam([p for p in ac.parameters() if p.requires_grad], lr=cfg["ac_lr"], eps=cfg["ac_eps"])
+        gen = torch.Generator().manual_seed(0)
+        size = wm_cfg["image_size"]
 
-    def actions(b, t):
-        return torch.randint(0, num_actions, (b, t), generator=gen).to(device)
+        def frames(b, t):
+            return torch.randint(0, 256, (b, t, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
 
-    B, T = cfg["wm_batch"], cfg["wm_seq_len"]
-    obs, act = frames(B, T), actions(B, T)
-    rew, term = torch.randn(B, T, device=device), (torch.rand(B, T, device=device) < 0.05).float()
+        def actions(b, t):
+            return torch.randint(0, num_actions, (b, t), generator=gen).to(device)
 
-    wm_args = (extra(B),) if extra else ()
+        B, T = cfg["wm_batch"], cfg["wm_seq_len"]
+        obs, act = frames(B, T), actions(B, T)
+        rew, term = torch.randn(B, T, generator=gen).to(device), (torch.rand(B, T, generator=gen) < 0.05).float().to(device)
+        self.full_batch = cfg["imag_batch"]
+        self.imag_batch = min(imag_batch or self.full_batch, self.full_batch)
+        ctx_obs, ctx_act = frames(self.imag_batch, cfg["imag_context"]), actions(self.imag_batch, cfg["imag_context"])
+        im_extra = extra(self.imag_batch)
+        holder = {}
 
-    wm_update = _wm_update(wm, wm_opt, runtime, cfg["wm_clip"], (obs, act, rew, term, *wm_args))
-
-    full_batch = cfg["imag_batch"]
-    ib = min(imag_batch or full_batch, full_batch)
-    ctx_obs, ctx_act = frames(ib, cfg["imag_context"]), actions(ib, cfg["imag_context"])
-    holder = {}
-    im_tasks = extra(ib) if extra else None
-
-    def imagine():
-        with runtime.autocast():
-            if im_tasks is None:
-                holder["imag"] = wm.imagine(lambda s: ac.act(s), ctx_obs, ctx_act, cfg["imag_horizon"])
-            else:
-                holder["imag"] = wm.imagine(lambda s: ac.act(s, im_tasks), ctx_obs, ctx_act, im_tasks,
+        def imagine():
+            with runtime.autocast():
+                holder["imag"] = wm.imagine(lambda s: ac.act(s, *im_extra), ctx_obs, ctx_act, *im_extra,
                                             cfg["imag_horizon"])
 
-    def ac_update():
-        with runtime.autocast():
-            loss, _ = ac.compute_loss(holder["imag"], *((im_tasks,) if im_tasks is not None else ()))
-        ac_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ac_opt.step()
-        ac.update_slow_critic()
+        def ac_update():
+            with runtime.autocast():
+                loss, _ = ac.compute_loss(holder["imag"], *im_extra)
+            ac_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ac_opt.step()
+            ac.update_slow_critic()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t_wm = _time(wm_update, repeats, device)
-    t_im = _time(imagine, repeats, device) * full_batch / ib
-    t_ac = _time(ac_update, repeats, device) * full_batch / ib
-    return {
-        "wm_batch": [B, T], "imag_batch": full_batch, "imag_batch_measured": ib, "imag_horizon": cfg["imag_horizon"],
-        "wm_update_s": t_wm, "wm_updates_per_s": 1 / t_wm,
-        "imagine_s": t_im, "imagination_rollouts_per_s": full_batch / t_im,
-        "ac_update_s": t_ac, "ac_updates_per_s": 1 / t_ac,
-        "imagine_and_ac_update_s": t_im + t_ac,
-        "train_step_s": t_wm + t_im + t_ac,  # one env step's updates at update_ratio 1
-        "parameters": sum(p.numel() for p in wm.parameters()) + sum(p.numel() for p in ac.parameters()),
-        **peak_memory(device),
-    }
+        self.parts = {"wm_update": _wm_update(wm, wm_opt, runtime, cfg["wm_clip"], (obs, act, rew, term, *extra(B))),
+                      "imagine": imagine, "ac_update": ac_update}
+        self.samples: dict[str, list[float]] = {name: [] for name in self.parts}
+        self.meta = {"wm_batch": [B, T], "imag_batch": self.full_batch, "imag_batch_measured": self.imag_batch,
+                     "imag_horizon": cfg["imag_horizon"],
+                     "parameters": sum(p.numel() for p in wm.parameters()) + sum(p.numel() for p in ac.parameters())}
+
+    def run_once(self, record: bool) -> None:
+        scale = {"wm_update": 1.0}  # imagination and its update are timed at imag_batch, scaled to the full batch
+        for name, fn in self.parts.items():
+            _sync(self.device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(self.device)
+            if record:
+                self.samples[name].append((time.perf_counter() - t0) * scale.get(name, self.full_batch / self.imag_batch))
+
+    def result(self) -> dict:
+        t = {name: statistics.median(v) for name, v in self.samples.items()}
+        return {**self.meta,
+                "wm_update_s": t["wm_update"], "wm_updates_per_s": 1 / t["wm_update"],
+                "imagine_s": t["imagine"], "imagination_rollouts_per_s": self.full_batch / t["imagine"],
+                "ac_update_s": t["ac_update"], "ac_updates_per_s": 1 / t["ac_update"],
+                "imagine_and_ac_update_s": t["imagine"] + t["ac_update"],
+                "train_step_s": sum(t.values()),  # one env step's updates at update_ratio 1
+                "samples_s": {name: [round(x, 4) for x in v] for name, v in self.samples.items()}}
+
+
+def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int | None = None,
+                 methods: tuple[str, ...] = ("storm", "mow")) -> dict[str, dict]:
+    """One env step's updates of each of `methods` (STORM; MoW over the 26 Atari games with
+    task-mixed batches), medians over `repeats` after one warm-up call. The methods'
+    repeats are interleaved (STORM, MoW, STORM, MoW, ...), so a load change on a shared
+    machine hits both alike and their ratio stays comparable."""
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    setups = [_Setup(params, runtime, imag_batch, method) for method in methods]
+    for r in range(repeats + 1):
+        for setup in setups:
+            setup.run_once(record=r > 0)
+    memory = peak_memory(runtime.device)  # of the process: both methods' models are alive
+    return {setup.method: {**setup.result(), **memory} for setup in setups}
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -325,10 +348,10 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
         ratio = params["train"]["update_ratio"]
         for dtype in precisions:
             runtime = Runtime(base.device, dtype)
-            print(f"bench: scale={scale} precision={runtime.precision} on {base.device} ...", flush=True)
-            storm = bench_models(params, runtime, repeats, imag_batch)
-            print(f"bench: scale={scale} precision={runtime.precision} MoW (26 Atari tasks) ...", flush=True)
-            mow = bench_models(params, runtime, repeats, imag_batch, method="mow")
+            print(f"bench: scale={scale} precision={runtime.precision} on {base.device}: STORM and MoW "
+                  f"(26 Atari tasks), interleaved ...", flush=True)
+            both = bench_models(params, runtime, repeats, imag_batch)
+            storm, mow = both["storm"], both["mow"]
             storm["mow"] = mow
             # both methods run update_ratio updates per env step (MoW: summed over tasks)
             storm["mow_vs_storm_update_cost"] = mow["train_step_s"] / storm["train_step_s"]

@@ -160,11 +160,34 @@ def resolve_spec(args, params):
 
 
 def _warmup_paths(args, params, spec):
+    """(warm-up data, warm-up model, clusters) of a MoW run. The warm-up model is the one of
+    the variant it shares it with (mow.config.warmup_owners), the clusters its own."""
+    import dataclasses
+
     from mow.runs import clusters_path, pretrain_path, warmup_data_path
 
-    run_dir = spec.run_dir(args.runs_root)
+    owner = _warmup_owner(args)
     data = warmup_data_path(args.runs_root, params.scale, spec.suite, spec.protocol, spec.seed)
-    return data, pretrain_path(run_dir), clusters_path(run_dir)
+    pretrained = pretrain_path(dataclasses.replace(spec, variant=owner).run_dir(args.runs_root))
+    return data, pretrained, clusters_path(spec.run_dir(args.runs_root))
+
+
+def _warmup_owner(args) -> str:
+    from mow.config import warmup_owners
+
+    return warmup_owners(args.params, scale=args.scale, overrides=args.overrides,
+                         suite=getattr(args, "suite", None))[args.variant]
+
+
+def _warmup_params(args, params):
+    """The parameters the warm-up model is pretrained with: those of the variant that owns it."""
+    owner = _warmup_owner(args)
+    if owner == args.variant:
+        return params
+    print(f"variant {args.variant} trains from the warm-up model of variant {owner} "
+          f"(they differ only in the clustering)")
+    return load_params(args.params, scale=args.scale, overrides=args.overrides, variant=owner,
+                       suite=getattr(args, "suite", None))
 
 
 def cmd_collect(args) -> int:
@@ -183,7 +206,8 @@ def cmd_pretrain(args) -> int:
     params = _load(args)
     spec = resolve_spec(args, params)
     data, pretrained, _ = _warmup_paths(args, params, spec)
-    warmup.pretrain(params, spec.suite, spec.seed, data, pretrained, progress=not args.no_progress)
+    warmup.pretrain(_warmup_params(args, params), spec.suite, spec.seed, data, pretrained,
+                    progress=not args.no_progress)
     return 0
 
 
@@ -216,14 +240,15 @@ def _train_mow(args, params, spec) -> int:
         if not data.is_file():
             warmup.collect(params, spec.suite, spec.protocol, spec.seed, data, progress=progress)
         if not pretrained.is_file():
-            warmup.pretrain(params, spec.suite, spec.seed, data, pretrained, progress=progress)
+            warmup.pretrain(_warmup_params(args, params), spec.suite, spec.seed, data, pretrained, progress=progress)
         if not clusters.is_file():
             warmup.cluster(params, spec.suite, spec.seed, data, pretrained, clusters)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    trainer = MultiTaskTrainer(spec, params, runs_root=args.runs_root, track=not args.no_track, progress=progress)
+    trainer = MultiTaskTrainer(spec, params, runs_root=args.runs_root, track=not args.no_track, progress=progress,
+                               pretrained=pretrained)
     model = trainer.run()
     if world > 1:
         import torch.distributed as dist

@@ -172,11 +172,12 @@ def apply_suite(tree: dict, suite: str) -> dict:
 
 
 def resolve(raw: dict, *, scale: str | None = None, overrides: Iterable[str] = (), source: str = "params.yaml",
-            variant: str = "full", suite: str | None = None) -> dict:
+            variant: str = "full", suite: str | None = None, check_presets: bool = True) -> dict:
     """Validate the raw file and every preset, then return the resolved tree (for runs of
-    `suite` when given: its train/warmup block applied)."""
+    `suite` when given: its train/warmup block applied). `check_presets=False` skips the
+    presets' validation (most of the time) when the caller has just resolved the same file."""
     _check(raw, source)
-    for name, preset in raw["scales"].items():
+    for name, preset in (raw["scales"].items() if check_presets else ()):
         added = [v for v in (preset.get("variants") or {}) if v not in raw["variants"]]
         if added:
             raise ConfigError(f"{source}: scales.{name}.variants.{added[0]}: not a variant of `variants:` "
@@ -300,6 +301,36 @@ class Params:
         mow = self.to_dict()["model"]["mow"]
         mow.pop("clustering")  # how clusters are found, not part of the model
         return MoWConfig(world=self.world_model_config(), num_tasks=num_tasks, **mow)
+
+
+# What only the cluster step and the joint training read: the warm-up model has a single
+# cluster (mow/warmup.py). Variants whose resolved parameters differ in nothing else share one
+# warm-up model, so the clustering ablation and the cluster sweeps start from the same
+# pretrained weights as the full variant at the paper scale and differ from it in the clusters
+# alone (and 30 paper-scale pretrainings are not run).
+CLUSTER_ONLY_KEYS = (("model", "mow", "num_clusters"), ("model", "mow", "clustering"),
+                     ("warmup", "cluster_batches"), ("warmup", "cluster_batch"))
+
+
+def warmup_owners(params: str | Path | dict | None = None, *, scale: str | None = None,
+                  overrides: Iterable[str] = (), suite: str | None = None) -> dict[str, str]:
+    """{variant: the variant whose warm-up model (``warmup/pretrain.ckpt``) it trains from}:
+    the first variant in ``variants:`` order whose resolved parameters equal its own once
+    CLUSTER_ONLY_KEYS are removed (itself when none does). `params`: a file or its raw tree."""
+    raw = params if isinstance(params, dict) else _read_yaml(Path(params) if params else DEFAULT_PARAMS)
+    source = "params.yaml" if isinstance(params, dict) else str(params or DEFAULT_PARAMS)
+    owners: dict[str, str] = {}
+    by_signature: dict[str, str] = {}
+    for i, variant in enumerate(raw["variants"]):
+        tree = resolve(raw, scale=scale, overrides=overrides, source=source, variant=variant, suite=suite,
+                       check_presets=i == 0)
+        for *path, key in CLUSTER_ONLY_KEYS:
+            node = tree
+            for part in path:
+                node = node[part]
+            node.pop(key, None)
+        owners[variant] = by_signature.setdefault(json.dumps(tree, sort_keys=True), variant)
+    return owners
 
 
 def load_params(path: str | Path | None = None, *, scale: str | None = None, overrides: Iterable[str] = (),

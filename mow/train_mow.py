@@ -90,7 +90,9 @@ def check_ranks(params: Params, world: int) -> None:
 
 
 class MultiTaskTrainer(Trainer):
-    def __init__(self, spec: RunSpec, params: Params, **kwargs):
+    def __init__(self, spec: RunSpec, params: Params, *, pretrained: Path | None = None, **kwargs):
+        """`pretrained`: the warm-up model to start from (default: the run's own
+        warmup/pretrain.ckpt; a variant sharing another's warm-up passes that one's)."""
         self.tasks = check_suite_tasks(params, spec.suite)
         self.num_tasks = len(self.tasks)
         self.rank, self.world = distributed()
@@ -102,6 +104,7 @@ class MultiTaskTrainer(Trainer):
         if cfg["env_steps"] % self.world:
             raise ConfigError(f"train.env_steps: {cfg['env_steps']} is not divisible by the {self.world} ranks")
         run_dir = spec.run_dir(kwargs.get("runs_root", "runs"))
+        self.pretrained = Path(pretrained) if pretrained is not None else pretrain_path(run_dir)
         self.clusters = check_clusters_file(clusters_path(run_dir), self.tasks, params)
         if self.rank:
             kwargs["track"], kwargs["progress"] = False, False
@@ -135,7 +138,7 @@ class MultiTaskTrainer(Trainer):
 
     def _initialise(self) -> None:
         """Fresh start: warm-up weights into every cluster, identical weights on every rank."""
-        warm = load_pretrained(pretrain_path(self.run_dir), self.params, self.tasks)
+        warm = load_pretrained(self.pretrained, self.params, self.tasks)
         self.wm.load_state_dict(expand_warmup_weights(warm["model"], self.wm))
         self.wm.set_clusters(list(self.clusters.labels))
         if self.world > 1:

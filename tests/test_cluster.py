@@ -34,7 +34,7 @@ from test_pipeline import job_stats, make_copy
 
 TARGET = "results/atari_table.csv"   # STORM on the default protocol, the MoW chain, evaluation, aggregation
 GAMES = ("Pong", "Breakout")
-RULES = {"collect", "pretrain", "cluster", "train_mow", "train_storm", "evaluate", "aggregate"}
+RULES = {"collect", "pretrain", "cluster", "train_mow", "train_storm", "evaluate", "evaluate_mow_atari", "aggregate"}
 MOW_RUN = "runs/smoke/atari/storm_compat/mow/full/all/seed1"
 # First status check 2 s after a submission instead of the profile's 40 s: these jobs last
 # seconds (the plugin then backs off by 10 s per check in which nothing finished).

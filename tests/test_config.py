@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mow.config import ConfigError, load_params
+from mow.config import ConfigError, load_params, warmup_owners
 
 from conftest import PARAMS
 
@@ -81,3 +81,25 @@ def test_bad_file_edits_name_the_key(tmp_path):
         load_params(path)
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_variants_differing_only_in_the_clustering_share_one_warmup_model():
+    """At the paper scale the clustering ablation and the cluster sweeps differ from `full` only
+    in what the cluster step and the training read, so they train from full's warm-up model;
+    every other variant changes the warm-up model or its loss and pretrains its own."""
+    paper = warmup_owners(PARAMS, scale="paper", suite="atari")
+    shared = {"no_clustering", "single_vae", "clusters_3", "clusters_6", "clusters_9", "clusters_12"}
+    assert {v for v, owner in paper.items() if owner != v} == shared and set(paper[v] for v in shared) == {"full"}
+    assert all(paper[v] == v for v in paper if v not in shared)
+    # at smoke the ablations run a smaller budget than full (so none shares full's), and
+    # experts_3 equals the smoke default of 3 experts: it joins the clustering group
+    smoke = warmup_owners(PARAMS, scale="smoke", suite="atari")
+    assert smoke["full"] == "full" and smoke["experts_3"] == smoke["single_vae"] == "no_clustering"
+    assert smoke["no_task_loss"] == "no_task_loss" and smoke["experts_6"] == "experts_6"
+    # an override of a warm-up key splits the group; one of a cluster-only key does not
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["variants"]["clusters_3"] = {"model": {"mow": {"num_clusters": 3}}, "warmup": {"pretrain_steps": 7}}
+    raw["variants"]["clusters_6"] = {"model": {"mow": {"num_clusters": 6, "clustering": "random"}},
+                                     "warmup": {"cluster_batches": 3}}
+    owners = warmup_owners(raw, scale="paper", suite="atari")
+    assert owners["clusters_3"] == "clusters_3" and owners["clusters_6"] == "full"

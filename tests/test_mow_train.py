@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mow import checkpoint
+from mow.config import load_params
 from mow.envs import SANITY_REFERENCE
 
 from conftest import kill_midway, run_mow
@@ -192,3 +193,27 @@ def test_a_clusters_file_for_other_tasks_is_refused_before_anything_is_written(p
     line = res.stderr.strip().splitlines()
     assert len(line) == 1 and "clusters.json" in line[0] and "side" in line[0], res.stderr
     _nothing_written(project)
+
+
+def test_a_variant_differing_only_in_clustering_trains_from_the_owners_warmup_model(project):
+    """`single_vae` (N_m = 1) shares the full variant's warm-up model: its chain pretrains once
+    into full's run folder (with full's parameters) and clusters and trains in its own."""
+    res = run_mow(["train", *TINY, "--seed", "1", "--variant", "single_vae", "--set", "train.env_steps=80",
+                   "--no-eval", "--no-track"], cwd=project)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "variant single_vae trains from the warm-up model of variant full" in res.stdout
+    full = project / "runs" / SANITY_RUN.format(seed=1)
+    own = project / "runs/smoke/sanity/sanity/mow/single_vae/all/seed1"
+    warm = full / "warmup/pretrain.ckpt"
+    overrides = [a for a in TINY[TINY.index("--set"):] if a != "--set"] + ["train.env_steps=80"]
+    full_params = load_params(project / "params.yaml", scale="smoke", overrides=overrides, suite="sanity")
+    assert checkpoint.load(warm)["params_hash"] == full_params.digest()
+    assert not (own / "warmup/pretrain.ckpt").exists() and (own / "warmup/clusters.json").is_file()
+    assert json.loads((own / "warmup/clusters.json").read_text())["num_clusters"] == 1
+    # the full variant's own chain then finds its warm-up model and does not pretrain again
+    written = warm.stat().st_mtime_ns
+    res = run_mow(["train", *TINY, "--seed", "1", "--set", "train.env_steps=80", "--no-eval", "--no-track"],
+                  cwd=project)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert warm.stat().st_mtime_ns == written and "trains from the warm-up model" not in res.stdout
+    assert (full / "model.ckpt").is_file() and (own / "model.ckpt").is_file()

@@ -7,9 +7,12 @@ Tolerances: fp32 kernels that only reorder sums agree to 1e-5 relative; bf16 aut
 
 from __future__ import annotations
 
+import json
 import math
 
+import pytest
 import torch
+from conftest import PARAMS, run_mow
 
 from mow.models.transformer import CausalSelfAttention, KVCache
 from mow.models.world_model import WorldModel, WorldModelConfig
@@ -89,3 +92,24 @@ def test_allocator_tuning_is_idempotent_and_keeps_values():
     first = tune_cpu_allocator()
     assert tune_cpu_allocator() == first
     assert torch.equal((x @ x.T).sum(), before)
+
+
+def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_samples(tmp_path):
+    """`mow bench` at the smoke scale (1 repeat, tiny imagination batch): the JSON holds each
+    part of an env step's updates for STORM and MoW, their ratio from the same interleaved
+    run, env throughput, memory, and the figure is written next to it. Values are not judged."""
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    out = tmp_path / "bench" / "bench.json"
+    res = run_mow(["bench", "--scales", "smoke", "--repeats", "2", "--imag-batch", "8", "--out", str(out)],
+                  cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(out.read_text())
+    smoke = result["scales"]["smoke"]["fp32"]
+    for method in (smoke, smoke["mow"]):
+        for part in ("wm_update", "imagine", "ac_update"):
+            assert len(method["samples_s"][part]) == 2 and method[f"{part}_s"] > 0
+        assert method["train_step_s"] == pytest.approx(method["wm_update_s"] + method["imagine_s"] + method["ac_update_s"])
+        assert method["peak_rss_mib"] > 0 and method["imag_batch_measured"] == 8
+    assert smoke["mow_vs_storm_update_cost"] == smoke["mow"]["train_step_s"] / smoke["train_step_s"]
+    assert result["env"]["pong_x1_env_steps_per_s"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0

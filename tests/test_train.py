@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from mow import checkpoint
+from mow.config import load_params
 from mow.envs import SANITY_REFERENCE
 
-from conftest import kill_midway, run_mow
+from conftest import PARAMS, kill_midway, run_mow
 
 PONG_RUN = Path("runs/smoke/atari/storm_compat/storm/full/Pong/seed1")
 PONG_RAW = Path("results/raw/smoke/atari/storm_compat/storm/full/Pong/seed1.json")
@@ -42,7 +43,8 @@ def test_smoke_pong_writes_checkpoint_evaluation_and_mlflow_run(project):
     assert len(raw["returns"]) == raw["protocol_config"]["eval_episodes"] == len(raw["episodes"])
     assert all(-21 <= r <= 21 for r in raw["returns"]) and raw["policy"] == "sample"
     assert raw["checkpoint_sha256"] == checkpoint.file_sha256(run_dir / "model.ckpt")
-    assert raw["git_commit"] and raw["env_steps_trained"] == 600
+    smoke = load_params(PARAMS, scale="smoke")["train"]
+    assert raw["git_commit"] and raw["env_steps_trained"] == smoke["env_steps"]
 
     client, runs = _mlflow_runs(project, "mow-atari")
     child = [r for r in runs if r.info.run_name == "storm/Pong/seed1"]
@@ -51,15 +53,17 @@ def test_smoke_pong_writes_checkpoint_evaluation_and_mlflow_run(project):
     child = child[0]
     assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
     assert child.info.run_id == raw["mlflow_run_id"]
-    assert child.data.params["train.env_steps"] == "600"
-    assert len(client.get_metric_history(child.info.run_id, "wm/total")) >= 3  # logged every 100 env steps once updates start (200 of 600)
+    assert child.data.params["train.env_steps"] == str(smoke["env_steps"])
+    # logged every log_every env steps once updates start (after the warm-up steps)
+    logs = (smoke["env_steps"] - smoke["warmup_steps"]) // smoke["log_every"]
+    assert logs >= 2 and len(client.get_metric_history(child.info.run_id, "wm/total")) >= logs
     assert "eval/mean_return" in child.data.metrics and "perf/env_steps_per_s" in child.data.metrics
     print(f"smoke Pong train + eval wall time: {elapsed:.1f} s")
 
     # the same command again: finished work is not redone and the MLflow run is reused
     res = run_mow(["train", "--game", "Pong", "--seed", "1", "--no-progress"], cwd=project)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed storm/Pong/seed1" in res.stdout and "at env step 600" in res.stdout
+    assert "resumed storm/Pong/seed1" in res.stdout and f"at env step {smoke['env_steps']}" in res.stdout
     assert "already evaluated" in res.stdout
     assert checkpoint.file_sha256(run_dir / "model.ckpt") == raw["checkpoint_sha256"]
     _, runs = _mlflow_runs(project, "mow-atari")

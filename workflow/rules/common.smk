@@ -1,5 +1,6 @@
 # Shared helpers: the run grid the params define, the run-folder and raw-result paths
 # (mow/runs.py), the MoW variants and suites a run covers, and the per-scale job resources.
+import functools
 
 # Wildcards are single path components: a protocol, variant or task never spans a "/".
 wildcard_constraints:
@@ -35,6 +36,22 @@ def raw_result(suite, protocol, method, variant, task, seed):
 def run_dir(suite, protocol, method, variant, task, seed):
     """One training's folder (mow.runs.RunSpec.run_dir); a MoW run trains every task (task `all`)."""
     return f"runs/{SCALE}/{suite}/{protocol}/{method}/{variant}/{task}/seed{seed}"
+
+
+@functools.cache
+def warmup_owner_of(suite):
+    """{variant: variant whose warm-up model it trains from} on `suite` (mow.config.warmup_owners)."""
+    from mow.config import warmup_owners
+
+    return warmup_owners(dict(config), scale=SCALE, suite=suite)
+
+
+def warmup_model(wildcards):
+    """The warm-up model a MoW run's cluster step and training read: its own variant's, or that
+    of the variant it shares it with (they differ only in the clustering), so the pretrain job
+    runs once for them all."""
+    owner = warmup_owner_of(wildcards.suite)[wildcards.variant]
+    return f"{run_dir(wildcards.suite, wildcards.protocol, 'mow', owner, 'all', wildcards.seed)}/warmup/pretrain.ckpt"
 
 
 def trained_model(wildcards):
@@ -155,6 +172,12 @@ MOW_TRAIN_RESOURCES = (dict(mem_mb=128000 + 16000 * (NPROC - 1), runtime=7 * 144
 MOW_TRAIN = MOW if NPROC == 1 else f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node {NPROC} -m mow"
 COLLECT_RESOURCES = dict(mem_mb=16000, runtime=60, gpu=0) if PAPER else dict(mem_mb=2000, runtime=10, gpu=0)
 WARMUP_RESOURCES = dict(mem_mb=32000, runtime=240, gpu=1) if PAPER else dict(mem_mb=4000, runtime=10, gpu=0)
+# How a MoW model's tasks are evaluated (evaluate.smk): at the paper scale one job per task, so
+# the 26 evaluations of a model run side by side on the cluster; below it one job per model,
+# because a smoke task's episodes take less time than a job's start (importing torch and
+# MLflow, opening the store, loading the model: ~7 s of a ~14 s job on 2 cores).
+MOW_EVAL_PER_TASK = PAPER
+EVAL_TASK_METHODS = r"[a-z]+" if MOW_EVAL_PER_TASK else "storm"  # methods `rule evaluate` serves
 # Evaluation plays the protocol's episodes (100 at most) with a loaded model: one GPU helps.
 EVAL_RESOURCES = dict(mem_mb=16000, runtime=120, gpu=1) if PAPER else dict(mem_mb=2000, runtime=10, gpu=0)
 # Bootstrap resamples behind every confidence interval of the tables, figures and report:

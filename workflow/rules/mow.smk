@@ -7,7 +7,9 @@
 # on Meta-World (when params.yaml declares the suite) the full variant under its protocol.
 #
 # Paths (mow/runs.py): the random-policy warm-up data is shared by every variant of a
-# (suite, protocol, seed); the warm-up model and clusters belong to the variant's run folder.
+# (suite, protocol, seed); the warm-up model and clusters belong to the variant's run folder,
+# and variants that differ only in the clustering train from one warm-up model, the first
+# such variant's (common.smk warmup_model(); the pretrain job runs for that variant alone).
 # Every step writes its outputs atomically and `mow train` resumes a killed run.
 
 MOW_RUN = run_dir("{suite}", "{protocol}", "mow", "{variant}", "all", "{seed}")
@@ -49,7 +51,7 @@ rule pretrain:
 rule cluster:
     input:
         data=rules.collect.output.data,
-        model=rules.pretrain.output.model,
+        model=warmup_model,
     output:
         clusters=f"{MOW_RUN}/warmup/clusters.json",
     log:
@@ -68,7 +70,7 @@ rule cluster:
 rule train_mow:
     input:
         data=rules.collect.output.data,
-        model=rules.pretrain.output.model,
+        model=warmup_model,
         clusters=rules.cluster.output.clusters,
     output:
         model=f"{MOW_RUN}/model.ckpt",
