@@ -11,7 +11,7 @@ from mow.config import ConfigError, load_params
 from mow.models.actor_critic import AgentConfig, MultiTaskActorCritic
 from mow.models.world_model import Imagination
 from mow.paramcount import PAPER_MOW_MIB, mib_fp32, params_table
-from mow.train_mow import mixed_task_rows
+from mow.train_mow import mixed_task_rows, per_task_imagination_metrics
 from mow.warmup import expand_warmup_weights, random_legal_actions, warmup_model
 
 from conftest import PARAMS
@@ -80,6 +80,30 @@ def test_return_scale_is_per_task_and_critics_per_cluster():
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in ac.critics[0].parameters())
     assert any(p.grad.abs().sum() > 0 for p in ac.critics[1].parameters())
     assert all(not p.requires_grad for p in ac.slow_critics.parameters())
+
+
+def test_per_task_imagination_metrics_separate_a_collapsed_task_from_a_learning_one():
+    masks = torch.zeros(2, 4, dtype=torch.bool)
+    masks[0, :2] = True
+    masks[1, :3] = True
+    ac = _agent(masks)
+    with torch.no_grad():  # actor: huge logit on action 0 when state[0] > 0, else uniform
+        ac.actor[-1].weight.zero_()
+        ac.actor[-1].bias.zero_()
+        ac.actor[0][0].weight.zero_()
+        ac.actor[0][0].weight[0, 0] = 1.0
+        ac.actor[-1].weight[0, 0] = 100.0
+    task_ids = torch.tensor([0, 1, 0, 1])
+    states = torch.zeros(4, 3, 6)
+    states[task_ids == 0, :, 0] = 1.0  # task 0 collapsed onto action 0, task 1 uniform over 3
+    rewards = torch.tensor([[-1.0, -1.0], [1.0, 0.0], [-1.0, -1.0], [0.0, 1.0]])
+    imag = Imagination(states, torch.zeros(4, 2, dtype=torch.long), rewards, torch.zeros(4, 2))
+    metrics = per_task_imagination_metrics(ac, imag, task_ids, ["side", "color"])
+    assert float(metrics["ac/entropy/side"]) < 1e-3
+    assert float(metrics["ac/entropy/color"]) == pytest.approx(np.log(3), abs=1e-4)
+    assert float(metrics["imag/reward_mean/side"]) == -1.0 and float(metrics["imag/reward_mean/color"]) == 0.5
+    assert float(metrics["ac/scale/side"]) == float(metrics["ac/scale/color"]) == 1.0
+    assert set(metrics) == {f"{m}/{t}" for m in ("ac/entropy", "imag/reward_mean", "ac/scale") for t in ("side", "color")}
 
 
 @pytest.mark.parametrize("num_tasks,size", [(26, 16), (4, 8), (3, 64)])
