@@ -140,8 +140,8 @@ def test_two_gloo_ranks_end_with_identical_weights(project):
 
 
 # Three tasks with different dynamics (a lit half, a moving block, a colour cue). The agent
-# acts on the current frame's posterior (the cues are i.i.d. per step, so STORM's prior
-# acting cannot see them); learning rates above STORM's fit the tiny budget.
+# acts on the current frame's posterior (the first frame of an episode draws the cue, which
+# STORM's prior acting cannot see); learning rates above STORM's fit the tiny budget.
 LEARN = ["train", "--suite", "sanity", "--method", "mow", "--seed", "1", "--no-progress", "--no-track",
          "--set", "suites.sanity.tasks=[side, chase, color]", "--set", "train.env_steps=1200",
          "--set", "train.warmup_steps=200", "--set", "train.update_ratio=0.34", "--set", "train.act_latent=posterior",
