@@ -5,8 +5,8 @@ count grow with the number of tasks and experts against K separate STORMs; an es
 the device-hours of the paper-scale DAG. Written as JSON plus a figure next to it.
 
 Timings are medians over `repeats` after one warm-up call; STORM's and MoW's repeats are
-interleaved so that their ratio survives load changes on a shared machine. Speed targets are judged from
-this file (ratios within one run), never by timed assertions in tests.
+interleaved so that their ratio survives load changes on a shared machine. Speed targets
+are judged from this file (ratios within one run), never by timed assertions in tests.
 """
 
 from __future__ import annotations

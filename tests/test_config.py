@@ -103,3 +103,6 @@ def test_variants_differing_only_in_the_clustering_share_one_warmup_model():
                                      "warmup": {"cluster_batches": 3}}
     owners = warmup_owners(raw, scale="paper", suite="atari")
     assert owners["clusters_3"] == "clusters_3" and owners["clusters_6"] == "full"
+    # an override that breaks another variant (top_k 4 > experts_3's 3 experts) leaves it alone
+    owners = warmup_owners(PARAMS, scale="paper", suite="atari", overrides=["model.mow.top_k=4"])
+    assert owners["experts_3"] == "experts_3" and owners["single_vae"] == "full"

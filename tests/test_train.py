@@ -99,9 +99,11 @@ def test_sigkill_midway_then_rerun_ends_with_identical_weights(project):
     assert sorted(r.info.run_name for r in runs) == ["storm/chase/seed3", "storm/full"]
 
 
+# One thread: `make test` runs a second xdist worker beside it on 2 cores. Measured at this
+# budget on seed 1: 0.77 of the way from random to optimal (the bar is 0.4).
 LEARN_ARGS = ["train", "--suite", "sanity", "--task", "chase", "--seed", "1", "--no-progress", "--no-track",
               "--set", "train.env_steps=3000", "--set", "train.warmup_steps=300", "--set", "train.update_ratio=0.5",
-              "--set", "train.threads=2", "--set", "protocols.sanity.eval_episodes=40"]
+              "--set", "train.threads=1", "--set", "protocols.sanity.eval_episodes=40"]
 
 
 @pytest.mark.slow
