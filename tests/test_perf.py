@@ -12,11 +12,12 @@ import math
 
 import pytest
 import torch
-from conftest import PARAMS, run_mow
 
 from mow.models.transformer import CausalSelfAttention, KVCache
 from mow.models.world_model import WorldModel, WorldModelConfig
 from mow.runtime import adam, tune_cpu_allocator
+
+from conftest import PARAMS, run_mow
 
 torch.set_num_threads(2)
 
@@ -95,7 +96,7 @@ def test_allocator_tuning_is_idempotent_and_keeps_values():
 
 
 def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_samples(tmp_path):
-    """`mow bench` at the smoke scale (1 repeat, tiny imagination batch): the JSON holds each
+    """`mow bench` at the smoke scale (2 repeats, tiny imagination batch): the JSON holds each
     part of an env step's updates for STORM and MoW, their ratio from the same interleaved
     run, env throughput, memory, and the figure is written next to it. Values are not judged."""
     (tmp_path / "params.yaml").write_text(PARAMS.read_text())
