@@ -138,14 +138,14 @@ class _Setup:
                      "parameters": sum(p.numel() for p in wm.parameters()) + sum(p.numel() for p in ac.parameters())}
 
     def run_once(self, record: bool) -> None:
-        scale = {"wm_update": 1.0}  # imagination and its update are timed at imag_batch, scaled to the full batch
         for name, fn in self.parts.items():
             _sync(self.device)
             t0 = time.perf_counter()
             fn()
             _sync(self.device)
-            if record:
-                self.samples[name].append((time.perf_counter() - t0) * scale.get(name, self.full_batch / self.imag_batch))
+            if record:  # imagination and its update run at imag_batch rows: scaled to the full batch
+                factor = 1.0 if name == "wm_update" else self.full_batch / self.imag_batch
+                self.samples[name].append((time.perf_counter() - t0) * factor)
 
     def result(self) -> dict:
         t = {name: statistics.median(v) for name, v in self.samples.items()}

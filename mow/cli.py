@@ -159,14 +159,13 @@ def resolve_spec(args, params):
                    protocol=protocol, scale=params.scale)
 
 
-def _warmup_paths(args, params, spec):
+def _warmup_paths(args, params, spec, owner: str):
     """(warm-up data, warm-up model, clusters) of a MoW run. The warm-up model is the one of
-    the variant it shares it with (mow.config.warmup_owners), the clusters its own."""
+    `owner`, the variant it shares it with (`_warmup_owner`); the clusters are its own."""
     import dataclasses
 
     from mow.runs import clusters_path, pretrain_path, warmup_data_path
 
-    owner = _warmup_owner(args)
     data = warmup_data_path(args.runs_root, params.scale, spec.suite, spec.protocol, spec.seed)
     pretrained = pretrain_path(dataclasses.replace(spec, variant=owner).run_dir(args.runs_root))
     return data, pretrained, clusters_path(spec.run_dir(args.runs_root))
@@ -179,9 +178,8 @@ def _warmup_owner(args) -> str:
                          suite=getattr(args, "suite", None))[args.variant]
 
 
-def _warmup_params(args, params):
+def _warmup_params(args, params, owner: str):
     """The parameters the warm-up model is pretrained with: those of the variant that owns it."""
-    owner = _warmup_owner(args)
     if owner == args.variant:
         return params
     print(f"variant {args.variant} trains from the warm-up model of variant {owner} "
@@ -192,10 +190,11 @@ def _warmup_params(args, params):
 
 def cmd_collect(args) -> int:
     from mow import warmup
+    from mow.runs import warmup_data_path
 
     params = _load(args)
     spec = resolve_spec(args, params)
-    data, _, _ = _warmup_paths(args, params, spec)
+    data = warmup_data_path(args.runs_root, params.scale, spec.suite, spec.protocol, spec.seed)
     warmup.collect(params, spec.suite, spec.protocol, spec.seed, data, progress=not args.no_progress)
     return 0
 
@@ -205,8 +204,9 @@ def cmd_pretrain(args) -> int:
 
     params = _load(args)
     spec = resolve_spec(args, params)
-    data, pretrained, _ = _warmup_paths(args, params, spec)
-    warmup.pretrain(_warmup_params(args, params), spec.suite, spec.seed, data, pretrained,
+    owner = _warmup_owner(args)
+    data, pretrained, _ = _warmup_paths(args, params, spec, owner)
+    warmup.pretrain(_warmup_params(args, params, owner), spec.suite, spec.seed, data, pretrained,
                     progress=not args.no_progress)
     return 0
 
@@ -216,7 +216,7 @@ def cmd_cluster(args) -> int:
 
     params = _load(args)
     spec = resolve_spec(args, params)
-    data, pretrained, clusters = _warmup_paths(args, params, spec)
+    data, pretrained, clusters = _warmup_paths(args, params, spec, _warmup_owner(args))
     warmup.cluster(params, spec.suite, spec.seed, data, pretrained, clusters)
     return 0
 
@@ -232,7 +232,8 @@ def _train_mow(args, params, spec) -> int:
     tasks = warmup.check_suite_tasks(params, spec.suite)
     rank, world = distributed()
     check_ranks(params, world)   # before the warm-up writes anything
-    data, pretrained, clusters = _warmup_paths(args, params, spec)
+    owner = _warmup_owner(args)
+    data, pretrained, clusters = _warmup_paths(args, params, spec, owner)
     if clusters.is_file():  # refuse a stale file before anything is written
         warmup.check_clusters_file(clusters, tasks, params)
     progress = not args.no_progress
@@ -240,7 +241,8 @@ def _train_mow(args, params, spec) -> int:
         if not data.is_file():
             warmup.collect(params, spec.suite, spec.protocol, spec.seed, data, progress=progress)
         if not pretrained.is_file():
-            warmup.pretrain(_warmup_params(args, params), spec.suite, spec.seed, data, pretrained, progress=progress)
+            warmup.pretrain(_warmup_params(args, params, owner), spec.suite, spec.seed, data, pretrained,
+                            progress=progress)
         if not clusters.is_file():
             warmup.cluster(params, spec.suite, spec.seed, data, pretrained, clusters)
     if world > 1:
