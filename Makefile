@@ -30,9 +30,12 @@ reproduce: install
 # module-scoped fixture (the SLURM cluster run, a finished training) is built once.
 # (--dist loadgroup does not group anything under pytest 9: it split the cluster module
 # over both workers, and each ran the 8-minute cluster pipeline.)
+# --no-loadscope-reorder: hand the modules out in collection order, the longest first
+# (tests/conftest.py), not xdist's default of the most tests first, which left the long
+# modules of few tests to the end.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=30
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=30
 
 bench: install
 	$(BIN)/mow bench

@@ -58,12 +58,13 @@ def native_bf16(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _wm_update(model, opt, runtime: Runtime, clip: float, batch: tuple):
-    """One world-model update on a fixed batch (what the trainer does per update), as a closure to time."""
+def _wm_update(model, opt, runtime: Runtime, clip: float, batch: tuple, loss_fn):
+    """One world-model update on a fixed batch (what the trainer does per update, with its
+    loss function `loss_fn`), as a closure to time."""
     def step():
         model.train()
         with runtime.autocast():
-            loss, _ = model.compute_loss(*batch)
+            loss, _ = loss_fn(*batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -130,8 +131,14 @@ class _Setup:
             ac_opt.step()
             ac.update_slow_critic()
 
-        self.parts = {"wm_update": _wm_update(wm, wm_opt, runtime, cfg["wm_clip"], (obs, act, rew, term, *extra(B))),
+        wm_batch = (obs, act, rew, term, *extra(B))
+        compiled = runtime.compile and method == "storm"  # MoW runs eager (runtime.MOW_EAGER_NOTE)
+        loss_fn = runtime.compiled(wm.compute_loss) if compiled else wm.compute_loss
+        self.parts = {"wm_update": _wm_update(wm, wm_opt, runtime, cfg["wm_clip"], wm_batch, loss_fn),
                       "imagine": imagine, "ac_update": ac_update}
+        if compiled:  # the eager update beside the compiled one, same model and batch
+            self.parts["wm_update_eager"] = _wm_update(wm, wm_opt, runtime, cfg["wm_clip"], wm_batch, wm.compute_loss)
+        self.first_call_s: dict[str, float] = {}
         self.samples: dict[str, list[float]] = {name: [] for name in self.parts}
         self.meta = {"wm_batch": [B, T], "imag_batch": self.full_batch, "imag_batch_measured": self.imag_batch,
                      "imag_horizon": cfg["imag_horizon"],
@@ -143,13 +150,20 @@ class _Setup:
             t0 = time.perf_counter()
             fn()
             _sync(self.device)
+            if not record:  # the warm-up call: a compiled update compiles here
+                self.first_call_s[name] = time.perf_counter() - t0
             if record:  # imagination and its update run at imag_batch rows: scaled to the full batch
-                factor = 1.0 if name == "wm_update" else self.full_batch / self.imag_batch
+                factor = 1.0 if name.startswith("wm_update") else self.full_batch / self.imag_batch
                 self.samples[name].append((time.perf_counter() - t0) * factor)
 
     def result(self) -> dict:
         t = {name: statistics.median(v) for name, v in self.samples.items()}
-        return {**self.meta,
+        compiled = {}
+        if "wm_update_eager" in t:
+            compiled = {"wm_update_eager_s": t.pop("wm_update_eager"),
+                        "wm_update_first_call_s": self.first_call_s["wm_update"]}  # compile included
+            compiled["compile_speedup_wm_update"] = compiled["wm_update_eager_s"] / t["wm_update"]
+        return {**self.meta, "compile": bool(compiled), **compiled,
                 "wm_update_s": t["wm_update"], "wm_updates_per_s": 1 / t["wm_update"],
                 "imagine_s": t["imagine"], "imagination_rollouts_per_s": self.full_batch / t["imagine"],
                 "ac_update_s": t["ac_update"], "ac_updates_per_s": 1 / t["ac_update"],
@@ -227,7 +241,9 @@ def bench_scaling(params: Params, runtime: Runtime, *, tasks=(2, 4, 8, 16, 26), 
 
     def update_time(model, extra=()):
         opt = adam(model.parameters(), lr=cfg["wm_lr"])
-        return _time(_wm_update(model, opt, runtime, cfg["wm_clip"], (obs, act, rew, term, *extra)), repeats, device)
+        # eager: MoW trains so (runtime.MOW_EAGER_NOTE), and a compile per swept model would take hours
+        return _time(_wm_update(model, opt, runtime, cfg["wm_clip"], (obs, act, rew, term, *extra), model.compute_loss),
+                     repeats, device)
 
     storm_params = sum(storm_parameter_breakdown(num_actions, base.world, params.agent_config()).values())
     storm_s = update_time(WorldModel(base.world, num_actions).to(device))
@@ -347,7 +363,7 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
         per_scale = {}
         ratio = params["train"]["update_ratio"]
         for dtype in precisions:
-            runtime = Runtime(base.device, dtype)
+            runtime = Runtime(base.device, dtype, base.compile)
             print(f"bench: scale={scale} precision={runtime.precision} on {base.device}: STORM and MoW "
                   f"(26 Atari tasks), interleaved ...", flush=True)
             both = bench_models(params, runtime, repeats, imag_batch)

@@ -25,7 +25,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "params.schema.yaml"
 DEFAULT_PARAMS = Path("params.yaml")  # relative to the working directory, like Snakemake's configfile
-RUNTIME_ONLY_KEYS = ("device", "threads")  # under train.*: where a run executes, not what it computes
+RUNTIME_ONLY_KEYS = ("device", "threads", "compile")  # under train.*: how a run executes, not what it computes
 
 
 class ConfigError(ValueError):

@@ -68,20 +68,16 @@ class Policy:
         if context.count == 0:
             return None
         obs_ctx, act_ctx = context.view()
-        was_training = self.wm.training
-        self.wm.eval()
-        try:
-            tasks = () if self.task_ids is None else (self.task_ids,)
-            with self.runtime.autocast():
-                state = self.wm.act_state(obs_ctx, act_ctx, *tasks)
-                if self.act_latent == "posterior":
-                    z = self.wm.posterior_sample(current_obs, *tasks).to(state.dtype)
-                    state = torch.cat([z, state[:, z.shape[-1]:]], dim=-1)
-                if self.task_ids is not None:
-                    return self.ac.act(state.float(), self.task_ids, greedy=greedy)
-                return self.ac.act(state.float(), greedy=greedy, action_mask=self.action_mask)
-        finally:
-            self.wm.train(was_training)
+        tasks = () if self.task_ids is None else (self.task_ids,)
+        # act_state and posterior_sample run in eval mode themselves (world_model.eval_mode)
+        with self.runtime.autocast():
+            state = self.wm.act_state(obs_ctx, act_ctx, *tasks)
+            if self.act_latent == "posterior":
+                z = self.wm.posterior_sample(current_obs, *tasks).to(state.dtype)
+                state = torch.cat([z, state[:, z.shape[-1]:]], dim=-1)
+            if self.task_ids is not None:
+                return self.ac.act(state.float(), self.task_ids, greedy=greedy)
+            return self.ac.act(state.float(), greedy=greedy, action_mask=self.action_mask)
 
 
 def random_actions(rng: np.random.Generator, num_envs: int, num_actions: int, continuous: bool = False) -> np.ndarray:

@@ -71,7 +71,7 @@ def test_smoke_pong_writes_checkpoint_evaluation_and_mlflow_run(project):
 
 
 SANITY_ARGS = ["train", "--suite", "sanity", "--task", "chase", "--seed", "3", "--no-eval", "--no-progress",
-               "--set", "train.env_steps=600", "--set", "train.warmup_steps=100", "--set", "train.checkpoint_every=100",
+               "--set", "train.env_steps=400", "--set", "train.warmup_steps=100", "--set", "train.checkpoint_every=100",
                "--set", "train.log_every=50", "--set", "train.threads=1"]
 
 
@@ -81,8 +81,8 @@ def test_sigkill_midway_then_rerun_ends_with_identical_weights(project):
     assert res.returncode == 0, res.stderr[-3000:]
 
     state = project / "killed/smoke/sanity/sanity/storm/full/chase/seed3/checkpoints/state.ckpt"
-    killed_at = kill_midway(SANITY_ARGS + ["--runs-root", "killed"], project, state, at_least=300)
-    assert 300 <= killed_at < 600
+    killed_at = kill_midway(SANITY_ARGS + ["--runs-root", "killed"], project, state, at_least=200)
+    assert 200 <= killed_at < 400
 
     res = run_mow(SANITY_ARGS + ["--runs-root", "killed"], cwd=project)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -13,9 +13,12 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where a table is built: every `mow` command imports this package
+    import pandas as pd
 
 #: Columns of the table :func:`collect` returns (also of an empty one).
 COLUMNS = ("suite", "method", "variant", "task", "seed", "score", "success_rate", "episodes",
@@ -135,6 +138,8 @@ def load_results(raw_root: Path | str, *, scale: str, suite: str, protocol: str,
     cover all of them (a game that never finished is an error, not a smaller mean).
     """
     rows = [load_row(p, scale=scale, protocol=protocol) for p in raw_files(raw_root, scale, suite, protocol)]
+    import pandas as pd
+
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     df = df.astype({"seed": int, "score": float, "success_rate": float, "episodes": int})
     _check_grid(df, expected_tasks)
