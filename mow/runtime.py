@@ -116,11 +116,12 @@ def make_runtime(train_cfg) -> Runtime:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    compile = bool(train_cfg.get("compile", False))
-    if compile and device.type == "cpu" and not any(shutil.which(cc) for cc in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+    use_compile = bool(train_cfg.get("compile", False))
+    compilers = (os.environ.get("CXX", "g++"), "c++", "clang++")  # inductor builds C++ kernels on CPU
+    if use_compile and device.type == "cpu" and not any(shutil.which(cc) for cc in compilers):
         raise ConfigError("train.compile: true needs a C++ compiler on CPU (g++ or clang++ on PATH, or $CXX); "
-                         "install one or set train.compile: false")
-    return Runtime(device=device, amp_dtype=torch.bfloat16 if precision == "bf16" else None, compile=compile)
+                          "install one or set train.compile: false")
+    return Runtime(device=device, amp_dtype=torch.bfloat16 if precision == "bf16" else None, compile=use_compile)
 
 
 def seed_everything(seed: int) -> None:
