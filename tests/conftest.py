@@ -24,7 +24,7 @@ else:
     torch.set_num_threads(2)
 
 # `--dist loadscope` hands whole modules to the two workers in collection order. These are the
-# longest (seconds each, measured in CI): started first, they end beside each other, and the
+# longest (each several minutes in CI's --durations): started first, they end beside each other, and the
 # many short modules fill the gaps, instead of one worker finishing a long module alone at
 # the end. A module missing here keeps its place after them.
 LONGEST_FIRST = ("test_mow_learning.py", "test_train.py", "test_mow_train.py", "test_pipeline.py", "test_cluster.py")
