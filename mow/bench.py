@@ -132,8 +132,8 @@ class _Setup:
             ac.update_slow_critic()
 
         wm_batch = (obs, act, rew, term, *extra(B))
-        compiled = runtime.compile and method == "storm"  # MoW runs eager (runtime.MOW_EAGER_NOTE)
-        loss_fn = runtime.compiled(wm.compute_loss) if compiled else wm.compute_loss
+        loss_fn = runtime.world_model_loss(wm)
+        compiled = loss_fn != wm.compute_loss  # MoW's stays eager (runtime.MOW_EAGER_NOTE)
         self.parts = {"wm_update": _wm_update(wm, wm_opt, runtime, cfg["wm_clip"], wm_batch, loss_fn),
                       "imagine": imagine, "ac_update": ac_update}
         if compiled:  # the eager update beside the compiled one, same model and batch

@@ -28,14 +28,21 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def compiled(self, loss_fn):
-        """STORM's world-model ``compute_loss`` through ``torch.compile`` when ``train.compile``
-        is on, else itself. The loss as a whole, not its modules: compiling the conv VAE and
-        Transformer blocks one by one measured no faster than eager on CPU (oneDNN already
-        runs the convolutions); the gain is in fusing the loss's many elementwise terms,
-        forward and backward. The module is untouched, so checkpoints and ``state_dict`` keys
-        are the same either way. Not for MoW's loss (:data:`MOW_EAGER_NOTE`)."""
-        return torch.compile(loss_fn) if self.compile else loss_fn
+    def world_model_loss(self, model, log=None):
+        """``model.compute_loss``, through ``torch.compile`` when ``train.compile`` is on and the
+        model allows it (``compilable``, default true; MoW's does not: :data:`MOW_EAGER_NOTE`,
+        said through ``log``). The loss as a whole, forward and backward, not its modules:
+        compiling the conv VAE and Transformer blocks one by one measured no faster than eager
+        on CPU (oneDNN already runs the convolutions); the gain is in fusing the loss's many
+        elementwise terms. The module is untouched: checkpoints and ``state_dict`` keys are
+        the same either way."""
+        if not self.compile:
+            return model.compute_loss
+        if not getattr(model, "compilable", True):
+            if log is not None:
+                log(MOW_EAGER_NOTE)
+            return model.compute_loss
+        return torch.compile(model.compute_loss)
 
     @property
     def precision(self) -> str:

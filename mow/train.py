@@ -103,7 +103,7 @@ class Trainer:
         self.num_actions, self.continuous = action_spec(self.envs.single_action_space)
         action_dim = self.num_actions if self.continuous else 0
         self.wm, self.ac = self._build_models(device)
-        self.wm_loss = self.runtime.compiled(self.wm.compute_loss)
+        self.wm_loss = self.runtime.world_model_loss(self.wm, self.log)
         self.wm_opt = adam(self.wm.parameters(), lr=self.cfg["wm_lr"], eps=self.cfg["wm_eps"])
         self.ac_opt = adam([p for p in self.ac.parameters() if p.requires_grad],
                            lr=self.cfg["ac_lr"], eps=self.cfg["ac_eps"])

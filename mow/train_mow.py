@@ -44,7 +44,7 @@ from mow.envs.vector import VectorEnv
 from mow.models.actor_critic import MultiTaskActorCritic
 from mow.models.mow_world_model import MoWWorldModel
 from mow.runs import RunSpec, clusters_path, pretrain_path, state_path
-from mow.runtime import MOW_EAGER_NOTE, seed_everything
+from mow.runtime import seed_everything
 from mow.train import Trainer
 from mow.warmup import (action_masks, check_clusters_file, check_suite_tasks, expand_warmup_weights,
                         load_pretrained, random_legal_actions)
@@ -125,9 +125,6 @@ class MultiTaskTrainer(Trainer):
         if self.rank:
             kwargs["track"], kwargs["progress"] = False, False
         super().__init__(spec, params, **kwargs)
-        if self.runtime.compile:
-            self.wm_loss = self.wm.compute_loss
-            self.log(MOW_EAGER_NOTE)
         if self.world > 1:  # per-rank budgets; the update count stays the single-process one
             w = self.world
             self.cfg = {**self.cfg, "env_steps": cfg["env_steps"] // w, "warmup_steps": cfg["warmup_steps"] // w,

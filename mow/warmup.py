@@ -34,7 +34,7 @@ from mow.envs.vector import VectorEnv
 from mow.models.mow_world_model import MoWWorldModel
 from mow.policy import random_actions
 from mow.replay import ReplayBuffer
-from mow.runtime import MOW_EAGER_NOTE, adam, make_runtime, rng_state, seed_everything, set_rng_state
+from mow.runtime import adam, make_runtime, rng_state, seed_everything, set_rng_state
 from mow.train import TrainingDiverged
 
 DATA_FORMAT = 1
@@ -180,8 +180,7 @@ def pretrain(params: Params, suite: str, seed: int, data: Path, out: Path, *, pr
     model = warmup_model(params, len(tasks), *shared_action_spec(suite, tasks)).to(device)
     cfg, wu = params["train"], params["warmup"]
     opt = adam(model.parameters(), lr=cfg["wm_lr"], eps=cfg["wm_eps"])
-    if runtime.compile:
-        log(MOW_EAGER_NOTE)
+    model_loss = runtime.world_model_loss(model, log)
     state_file = out.with_name(out.stem + ".state.ckpt")
     step = 0
     found = checkpoint.load_latest(state_file, warn=log)
@@ -204,7 +203,7 @@ def pretrain(params: Params, suite: str, seed: int, data: Path, out: Path, *, pr
         task_ids = (torch.arange(batch) + step * batch) % k
         b = replay.sample(batch, seq, task_ids)  # stream k = task k
         with runtime.autocast():
-            loss, metrics = model.compute_loss(b.obs, b.actions, b.rewards, b.terminations, task_ids.to(device))
+            loss, metrics = model_loss(b.obs, b.actions, b.rewards, b.terminations, task_ids.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["wm_clip"])

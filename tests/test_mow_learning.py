@@ -13,8 +13,7 @@ import pytest
 from mow.envs import SANITY_REFERENCE
 
 from conftest import run_mow
-
-SANITY_RUN = "smoke/sanity/sanity/mow/full/all/seed{seed}"
+from test_mow_train import SANITY_RUN
 
 
 # Three tasks with different dynamics (a lit half, a moving block, a colour cue). The agent

@@ -125,7 +125,7 @@ def _has_cxx() -> bool:
 
 @pytest.mark.skipif(not _has_cxx(), reason="torch.compile on CPU needs a C++ compiler (g++ or clang++)")
 def test_compiled_world_model_loss_matches_eager(monkeypatch):
-    """`train.compile` (Runtime.compiled, what the trainers call): the compiled STORM loss and
+    """`train.compile` (Runtime.world_model_loss, what the trainers call): the compiled STORM loss and
     its gradients equal eager ones to fp32 rounding. Inductor's own RNG is replaced by eager's
     here (fallback_random), so both draw the same posterior samples."""
     import torch._inductor.config as inductor_config
@@ -139,7 +139,7 @@ def test_compiled_world_model_loss_matches_eager(monkeypatch):
     obs = torch.randint(0, 256, (2, 4, 16, 16, 3), dtype=torch.uint8)
     act, rew, term = torch.randint(0, 3, (2, 4)), torch.randn(2, 4), (torch.rand(2, 4) < 0.3).float()
     results = []
-    for loss_fn in (model.compute_loss, runtime.compiled(model.compute_loss)):
+    for loss_fn in (model.compute_loss, runtime.world_model_loss(model)):
         torch.manual_seed(1)
         model.zero_grad(set_to_none=True)
         loss, metrics = loss_fn(obs, act, rew, term)

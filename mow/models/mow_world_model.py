@@ -165,6 +165,10 @@ class MoWWorldModel(nn.Module):
     """MoW world model over ``cfg.num_tasks`` tasks sharing ``num_actions`` discrete actions
     (or, with ``continuous``, action vectors of that dimension: Meta-World)."""
 
+    #: train.compile leaves this loss eager: its per-cluster row groups are data-dependent
+    #: shapes (runtime.MOW_EAGER_NOTE)
+    compilable = False
+
     cluster_of_task: torch.Tensor
 
     def __init__(self, cfg: MoWConfig, num_actions: int = 18, continuous: bool = False) -> None:
