@@ -124,6 +124,19 @@ def finished_jobs(log: str) -> dict[int, str]:
     return {int(a): b for a, b in re.findall(r"Finished jobid: (\d+) \(Rule: (\w+)\)", log)}
 
 
+def finished_inside(log: str) -> dict[int, str]:
+    """Snakemake job id -> rule of every job whose SLURM log (`log` names them) shows that
+    the Snakemake run inside the job finished the rule: its outputs and their metadata were
+    written, whatever SLURM recorded after that."""
+    done = {}
+    for jobid, path in re.findall(r"Job (\d+) has been submitted with SLURM jobid \S+ \(log: (\S+)\)\.", log):
+        text = Path(path).read_text() if Path(path).is_file() else ""
+        match = re.search(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", text, flags=re.M)
+        if match:
+            done[int(jobid)] = match.group(1)
+    return done
+
+
 def job_outputs(log: str, jobid: int) -> list[str]:
     """The outputs Snakemake printed for job `jobid`."""
     for block in re.split(r"\n(?=\[)", log):
@@ -214,10 +227,12 @@ def runs(tmp_path_factory):
         # to its end unattended (README, cluster section). Every other job must be cancelled.
         late = set(submitted(first[first.index("Terminating processes on user request"):]).values())
         left_running = queued(re.search(r"SLURM run ID: (\S+)", first).group(1), ignore=late)
-        # done: the jobs Snakemake saw finish, as SLURM's own record confirms (COMPLETED)
-        records, ids = jobcomp_records(), submitted(first)
-        done = {j: rule for j, rule in finished_jobs(first).items()
-                if records.get(ids.get(j), {}).get("JobState") == "COMPLETED"}
+        # done: the jobs whose own Snakemake (inside the SLURM job) recorded them finished.
+        # Not "the jobs the main Snakemake saw finish": a job can finish its rule and record
+        # its outputs complete, then be cancelled while it exits (CANCELLED in SLURM's record,
+        # never reported finished), and a rerun rightly keeps its outputs; with squeue as the
+        # status command, a job cancelled mid-rule can look finished to the main Snakemake.
+        done = finished_inside(first)
         kept = {out: (work / out).stat().st_mtime_ns for j in done for out in job_outputs(first, j)}
 
         start = time.monotonic()
