@@ -4,19 +4,22 @@ MoW's cost relative to STORM; optionally (``--sweep``) how MoW's update time and
 count grow with the number of tasks and experts against K separate STORMs; an estimate of
 the device-hours of the paper-scale DAG. Written as JSON plus a figure next to it.
 
-Timings are medians over `repeats` after one warm-up call; STORM's and MoW's repeats are
-interleaved so that their ratio survives load changes on a shared machine. Speed targets
-are judged from this file (ratios within one run), never by timed assertions in tests.
+Timings are medians over `repeats` after one warm-up call; STORM and MoW each run in a
+process of their own, their repeats interleaved so that their ratio survives load changes
+on a shared machine. Speed targets are judged from this file (ratios within one run), never
+by timed assertions in tests.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import resource
 import statistics
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import torch
 
 from mow.checkpoint import atomic_write_text
 from mow.config import Params
-from mow.runtime import Runtime, adam, make_runtime
+from mow.runtime import Runtime, adam, make_runtime, retain_cpu_memory
 
 # The official STORM code measured on this project's reference CPU (2 vCPU AMD EPYC,
 # fp32, 2 threads; DESIGN.md): seconds per world-model update at 16x64 and per 1024x16
@@ -172,20 +175,73 @@ class _Setup:
                 "samples_s": {name: [round(x, 4) for x in v] for name, v in self.samples.items()}}
 
 
+def _method_worker(conn, params: Params, runtime: Runtime, imag_batch: int | None, method: str,
+                   threads: int) -> None:
+    """One method's models and timed parts in a process of its own (`bench_models`): builds
+    them, then runs one round per request, one request at a time."""
+    torch.set_num_threads(threads)
+    retain_cpu_memory(runtime.device)
+    try:
+        if runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(runtime.device)
+        setup = _Setup(params, runtime, imag_batch, method)
+        conn.send(("ready", None))
+        while (request := conn.recv()) != "result":
+            setup.run_once(record=request == "record")
+            conn.send(("done", None))
+        conn.send(("result", {**setup.result(), **peak_memory(runtime.device)}))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
+def _answer(method: str, conn, proc) -> object:
+    try:
+        kind, payload = conn.recv()
+    except EOFError:
+        proc.join(timeout=10)
+        raise RuntimeError(f"bench: the {method} worker process died (exit code {proc.exitcode})") from None
+    if kind == "error":
+        raise RuntimeError(f"bench: the {method} worker failed:\n{payload}")
+    return payload
+
+
 def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int | None = None,
                  methods: tuple[str, ...] = ("storm", "mow")) -> dict[str, dict]:
     """One env step's updates of each of `methods` (STORM; MoW over the 26 Atari games with
-    task-mixed batches), medians over `repeats` after one warm-up call. The methods'
-    repeats are interleaved (STORM, MoW, STORM, MoW, ...), so a load change on a shared
-    machine hits both alike and their ratio stays comparable."""
-    if runtime.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(runtime.device)
-    setups = [_Setup(params, runtime, imag_batch, method) for method in methods]
-    for r in range(repeats + 1):
-        for setup in setups:
-            setup.run_once(record=r > 0)
-    memory = peak_memory(runtime.device)  # of the process: both methods' models are alive
-    return {setup.method: {**setup.result(), **memory} for setup in setups}
+    task-mixed batches), medians over `repeats` after one warm-up call.
+
+    Each method runs in a process of its own, as it trains: sharing one process made the
+    second method's timings depend on the memory the first had freed (STORM's imagination
+    ~25 % slower next to MoW's models than alone on the same CPU). Their rounds alternate
+    (STORM, MoW, STORM, MoW, ...) with one process computing at a time, so a load change on
+    a shared machine hits both alike and their ratio stays comparable. Peak memory is each
+    method's own process."""
+    ctx = multiprocessing.get_context("spawn")   # no fork of a process that holds OpenMP/CUDA state
+    workers = {}
+    try:
+        for method in methods:   # built one after another: their peaks do not add up
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(target=_method_worker, daemon=True,
+                               args=(child, params, runtime, imag_batch, method, torch.get_num_threads()))
+            proc.start()
+            child.close()
+            workers[method] = (conn, proc)
+            _answer(method, conn, proc)
+        for r in range(repeats + 1):
+            for method, (conn, proc) in workers.items():
+                conn.send("record" if r > 0 else "warm-up")
+                _answer(method, conn, proc)
+        results = {}
+        for method, (conn, proc) in workers.items():
+            conn.send("result")
+            results[method] = _answer(method, conn, proc)
+        return results
+    finally:
+        for conn, proc in workers.values():
+            conn.close()
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -365,7 +421,7 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
         for dtype in precisions:
             runtime = Runtime(base.device, dtype, base.compile)
             print(f"bench: scale={scale} precision={runtime.precision} on {base.device}: STORM and MoW "
-                  f"(26 Atari tasks), interleaved ...", flush=True)
+                  f"(26 Atari tasks), each in its own process, interleaved ...", flush=True)
             both = bench_models(params, runtime, repeats, imag_batch)
             storm, mow = both["storm"], both["mow"]
             storm["mow"] = mow

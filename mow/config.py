@@ -237,6 +237,10 @@ class _FrozenDict(dict):
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly  # type: ignore
 
+    def __reduce__(self):
+        # pickle (a `mow bench` worker process gets the params) would fill it item by item
+        return (_FrozenDict, (dict(self),))
+
 
 def _thaw(obj: Any) -> Any:
     if isinstance(obj, dict):

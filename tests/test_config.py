@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import yaml
 
@@ -33,6 +35,15 @@ def test_resolved_config_is_frozen():
     with pytest.raises(TypeError):
         p["train"]["env_steps"] = 5
     assert p.to_dict()["train"]["env_steps"] == p["train"]["env_steps"]
+
+
+def test_resolved_config_survives_pickling_still_frozen():
+    # `mow bench` hands the params to a worker process of each method
+    params = load_params(PARAMS, scale="smoke")
+    copy = pickle.loads(pickle.dumps(params))
+    assert copy.digest() == params.digest() and copy["train"]["wm_batch"] == params["train"]["wm_batch"]
+    with pytest.raises(TypeError, match="frozen"):
+        copy["train"]["wm_batch"] = 1
 
 
 def test_digest_ignores_where_a_run_executes_but_not_what_it_computes():

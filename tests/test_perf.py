@@ -16,7 +16,7 @@ import torch
 
 from mow.models.transformer import CausalSelfAttention, KVCache
 from mow.models.world_model import WorldModel, WorldModelConfig
-from mow.runtime import adam, tune_cpu_allocator
+from mow.runtime import adam, retain_cpu_memory, tune_cpu_allocator
 
 from conftest import PARAMS, run_mow
 
@@ -85,6 +85,14 @@ def test_bf16_autocast_world_model_loss_within_tolerance():
         bf16, _ = model.compute_loss(obs, act, rew, term)
     assert bf16.dtype == torch.float32  # losses are always reduced in fp32
     assert abs(bf16.item() - fp32.item()) <= 0.05 * abs(fp32.item())
+
+
+def test_cpu_runs_retain_memory_unless_the_environment_says_no(monkeypatch):
+    monkeypatch.setenv("MOW_RETAIN_CPU_MEMORY", "0")
+    assert not retain_cpu_memory(torch.device("cpu"))
+    monkeypatch.delenv("MOW_RETAIN_CPU_MEMORY")
+    assert not retain_cpu_memory(torch.device("cuda"))   # GPU memory has its own caching allocator
+    assert retain_cpu_memory(torch.device("cpu")) == tune_cpu_allocator()   # on by default (False without glibc)
 
 
 def test_allocator_tuning_is_idempotent_and_keeps_values():
