@@ -108,10 +108,14 @@ def wait_for_server(server: subprocess.Popen, uri: str, log: Path) -> None:
     raise AssertionError(f"mlflow server not answering at {uri} after 120 s: {log.read_text()[-2000:]}")
 
 
+# the plugin's line for each job it submits: Snakemake job id, SLURM job id, the job's SLURM log
+SUBMISSION = r"Job (\d+) has been submitted with SLURM jobid (\S+) \(log: (\S+)\)\."
+
+
 def submitted(log: str) -> dict[int, str]:
     """Snakemake job id -> SLURM job id (`<array job>_<task>` for an array task), from the
     plugin's submission lines."""
-    ids = {int(a): b for a, b in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\S+) ", log)}
+    ids = {int(a): b for a, b, _ in re.findall(SUBMISSION, log)}
     for jobs, array, first in re.findall(r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)\. "
                                          r"The individual task IDs are (\d+)-", log):
         for i, job in enumerate(jobs.split(",")):   # the plugin numbers the tasks in this order
@@ -129,7 +133,7 @@ def finished_inside(log: str) -> dict[int, str]:
     the Snakemake run inside the job finished the rule: its outputs and their metadata were
     written, whatever SLURM recorded after that."""
     done = {}
-    for jobid, path in re.findall(r"Job (\d+) has been submitted with SLURM jobid \S+ \(log: (\S+)\)\.", log):
+    for jobid, _, path in re.findall(SUBMISSION, log):
         text = Path(path).read_text() if Path(path).is_file() else ""
         match = re.search(r"^Finished jobid: \d+ \(Rule: (\w+)\)$", text, flags=re.M)
         if match:
