@@ -6,7 +6,9 @@ the device-hours of the paper-scale DAG. Written as JSON plus a figure next to i
 
 Timings are medians over `repeats` after one warm-up call; STORM and MoW each run in a
 process of their own, their repeats interleaved so that their ratio survives load changes
-on a shared machine. Speed targets are judged from this file (ratios within one run), never
+on a shared machine. Beside the times, each part's matmul / convolution / attention FLOPs
+are counted once (`torch.utils.flop_counter`): a MoW/STORM cost ratio that no load on the
+machine can change. Speed targets are judged from this file (ratios within one run), never
 by timed assertions in tests.
 """
 
@@ -35,6 +37,9 @@ from mow.runtime import Runtime, adam, make_runtime, retain_cpu_memory
 # imagination plus actor-critic update. Our paper-scale numbers are divided by these.
 OFFICIAL_STORM_CPU_FP32 = {"wm_update_s": 5.3, "imagine_and_ac_update_s": 17.6}
 
+#: The timed parts of one env step's updates (a compiled run adds the eager update beside them).
+STEP_PARTS = ("wm_update", "imagine", "ac_update")
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -59,6 +64,26 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of ``fn`` (matrix products, convolutions, attention; elementwise ops
+    and the optimiser are not counted). torch's counter lacks the CPU flash-attention kernels
+    that fused attention dispatches to on CPU; they take the formulas of the GPU ones."""
+    from torch.utils import flop_counter
+
+    def attention(query, key, value, *args, out_shape=None, **kwargs):  # arguments arrive as shapes
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: attention,
+                     aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def _wm_update(model, opt, runtime: Runtime, clip: float, batch: tuple, loss_fn):
@@ -147,6 +172,16 @@ class _Setup:
                      "imag_horizon": cfg["imag_horizon"],
                      "parameters": sum(p.numel() for p in wm.parameters()) + sum(p.numel() for p in ac.parameters())}
 
+    def _scale(self, name: str) -> float:
+        """Imagination and its update run at imag_batch rows: scaled to the full batch."""
+        return 1.0 if name.startswith("wm_update") else self.full_batch / self.imag_batch
+
+    def count_flops(self) -> None:
+        """One call of each part under the FLOP counter (eager parts only: a compiled update
+        computes what its eager twin does)."""
+        self.flops = {name: count_flops(self.parts.get(f"{name}_eager", fn)) * self._scale(name)
+                      for name, fn in self.parts.items() if not name.endswith("_eager")}
+
     def run_once(self, record: bool) -> None:
         for name, fn in self.parts.items():
             _sync(self.device)
@@ -155,9 +190,8 @@ class _Setup:
             _sync(self.device)
             if not record:  # the warm-up call: a compiled update compiles here
                 self.first_call_s[name] = time.perf_counter() - t0
-            if record:  # imagination and its update run at imag_batch rows: scaled to the full batch
-                factor = 1.0 if name.startswith("wm_update") else self.full_batch / self.imag_batch
-                self.samples[name].append((time.perf_counter() - t0) * factor)
+            if record:
+                self.samples[name].append((time.perf_counter() - t0) * self._scale(name))
 
     def result(self) -> dict:
         t = {name: statistics.median(v) for name, v in self.samples.items()}
@@ -172,7 +206,8 @@ class _Setup:
                 "ac_update_s": t["ac_update"], "ac_updates_per_s": 1 / t["ac_update"],
                 "imagine_and_ac_update_s": t["imagine"] + t["ac_update"],
                 "train_step_s": sum(t.values()),  # one env step's updates at update_ratio 1
-                "samples_s": {name: [round(x, 4) for x in v] for name, v in self.samples.items()}}
+                "samples_s": {name: [round(x, 4) for x in v] for name, v in self.samples.items()},
+                "flops": {**self.flops, "train_step": sum(self.flops.values())}}
 
 
 def _method_worker(conn, params: Params, runtime: Runtime, imag_batch: int | None, method: str,
@@ -187,7 +222,10 @@ def _method_worker(conn, params: Params, runtime: Runtime, imag_batch: int | Non
         setup = _Setup(params, runtime, imag_batch, method)
         conn.send(("ready", None))
         while (request := conn.recv()) != "result":
-            setup.run_once(record=request == "record")
+            if request == "count":
+                setup.count_flops()
+            else:
+                setup.run_once(record=request == "record")
             conn.send(("done", None))
         conn.send(("result", {**setup.result(), **peak_memory(runtime.device)}))
     except Exception:
@@ -208,7 +246,8 @@ def _answer(method: str, conn, proc) -> object:
 def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int | None = None,
                  methods: tuple[str, ...] = ("storm", "mow")) -> dict[str, dict]:
     """One env step's updates of each of `methods` (STORM; MoW over the 26 Atari games with
-    task-mixed batches), medians over `repeats` after one warm-up call.
+    task-mixed batches), medians over `repeats` after one warm-up call, and each part's
+    FLOPs, counted in a call before the warm-up.
 
     Each method runs in a process of its own, as it trains: sharing one process made the
     second method's timings depend on the memory the first had freed (STORM's imagination
@@ -227,9 +266,9 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
             child.close()
             workers[method] = (conn, proc)
             _answer(method, conn, proc)
-        for r in range(repeats + 1):
+        for request in ["count", "warm-up"] + ["record"] * repeats:
             for method, (conn, proc) in workers.items():
-                conn.send("record" if r > 0 else "warm-up")
+                conn.send(request)
                 _answer(method, conn, proc)
         results = {}
         for method, (conn, proc) in workers.items():
@@ -391,6 +430,18 @@ def bench_metaworld_env(protocol: dict | None, seconds: float = 3.0) -> dict:
         return {"metaworld_error": str(exc)}
 
 
+def round_totals(result: dict) -> list[float]:
+    """Seconds of one env step's updates in each recorded round (the parts' samples summed)."""
+    return [sum(parts) for parts in zip(*(result["samples_s"][name] for name in STEP_PARTS))]
+
+
+def cost_ratio(storm: dict, mow: dict) -> float:
+    """MoW's cost per env step relative to STORM's: the median over rounds of the ratio within
+    a round. Each MoW round runs right after STORM's, so a load change on a shared machine
+    between rounds cancels out, where a ratio of the two medians would pick it up."""
+    return statistics.median(m / s for s, m in zip(round_totals(storm), round_totals(mow)))
+
+
 def end_to_end_env_steps_per_s(result: dict, env_steps_per_s: float, update_ratio: float) -> float:
     """Env steps/s of the sequential training loop (step the env, then update_ratio updates),
     from the measured parts: 1 / (env step time + update_ratio x one step's updates)."""
@@ -426,7 +477,8 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
             storm, mow = both["storm"], both["mow"]
             storm["mow"] = mow
             # both methods run update_ratio updates per env step (MoW: summed over tasks)
-            storm["mow_vs_storm_update_cost"] = mow["train_step_s"] / storm["train_step_s"]
+            storm["mow_vs_storm_update_cost"] = cost_ratio(storm, mow)
+            storm["mow_vs_storm_flops"] = mow["flops"]["train_step"] / storm["flops"]["train_step"]
             storm["end_to_end_env_steps_per_s"] = end_to_end_env_steps_per_s(storm, env_sps, ratio)
             mow["end_to_end_env_steps_per_s"] = end_to_end_env_steps_per_s(mow, env_sps, ratio)
             per_scale[runtime.precision] = storm
@@ -471,8 +523,9 @@ def write_figure(results: dict, path: Path) -> Path:
     labels, parts = [], {"wm_update_s": [], "imagine_s": [], "ac_update_s": []}
     for scale, per in results["scales"].items():
         for prec, r in per.items():
-            for name, entry in (("STORM", r), ("MoW", r["mow"])):
-                labels.append(f"{name}\n{scale} {prec}")
+            cost = f"\n{r['mow_vs_storm_update_cost']:.2f}x time\n{r['mow_vs_storm_flops']:.2f}x FLOPs"
+            for name, entry, note in (("STORM", r, ""), ("MoW", r["mow"], cost)):
+                labels.append(f"{name}\n{scale} {prec}{note}")
                 for key in parts:
                     parts[key].append(entry[key])
     bottom = np.zeros(len(labels))

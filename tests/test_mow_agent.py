@@ -138,6 +138,10 @@ def test_variants_resolve_to_their_switches():
     assert load_params(PARAMS, variant="no_experts")["model"]["mow"]["use_experts"] is False
     vanilla = load_params(PARAMS, variant="vanilla_multitask")["model"]["mow"]
     assert vanilla["num_clusters"] == 1 and vanilla["use_experts"] is False
+    for scale in ("paper", "smoke"):  # "one STORM + e_k": STORM's Transformer depth and width
+        resolved = load_params(PARAMS, variant="vanilla_multitask", scale=scale)["model"]
+        storm, shared = resolved["world_model"], resolved["mow"]
+        assert (shared["shared_layers"], shared["shared_d_model"]) == (storm["layers"], storm["d_model"]), scale
     assert load_params(PARAMS, variant="experts_6", scale="paper")["model"]["mow"]["num_experts"] == 6
     with pytest.raises(ConfigError, match="variant: unknown variant 'nope'"):
         load_params(PARAMS, variant="nope")

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from mow.bench import count_flops, round_totals
 from mow.models.transformer import CausalSelfAttention, KVCache
 from mow.models.world_model import WorldModel, WorldModelConfig
 from mow.runtime import adam, retain_cpu_memory, tune_cpu_allocator
@@ -104,6 +105,20 @@ def test_allocator_tuning_is_idempotent_and_keeps_values():
     assert torch.equal((x @ x.T).sum(), before)
 
 
+def test_flop_count_matches_hand_computed_values_including_cpu_fused_attention():
+    """The bench's FLOP counter on a Linear (2·B·in·out) and on CPU fused attention, which
+    torch's own counter misses on CPU: two products of 2·B·H·Tq·Tk·D forward (scores,
+    weighted values); five backward (scores recomputed, then the gradients of the
+    probabilities, values, queries and keys)."""
+    linear = torch.nn.Linear(8, 4)
+    assert count_flops(lambda: linear(torch.randn(3, 8))) == 2 * 3 * 8 * 4
+    q, k, v = (torch.randn(1, 2, t, 4, requires_grad=True) for t in (5, 7, 7))
+    product = 2 * 1 * 2 * 5 * 7 * 4
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 2 * product
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert count_flops(lambda: out.sum().backward()) == 5 * product
+
+
 def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_samples(tmp_path):
     """`mow bench` at the smoke scale (2 repeats, tiny imagination batch): the JSON holds each
     part of an env step's updates for STORM and MoW, their ratio from the same interleaved
@@ -120,7 +135,13 @@ def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_sa
             assert len(method["samples_s"][part]) == 2 and method[f"{part}_s"] > 0
         assert method["train_step_s"] == pytest.approx(method["wm_update_s"] + method["imagine_s"] + method["ac_update_s"])
         assert method["peak_rss_mib"] > 0 and method["imag_batch_measured"] == 8
-    assert smoke["mow_vs_storm_update_cost"] == smoke["mow"]["train_step_s"] / smoke["train_step_s"]
+    rounds = [m / s for s, m in zip(round_totals(smoke), round_totals(smoke["mow"]))]
+    assert len(rounds) == 2 and smoke["mow_vs_storm_update_cost"] == pytest.approx(sum(rounds) / 2)
+    for method in (smoke, smoke["mow"]):
+        flops = method["flops"]
+        assert all(flops[part] > 0 for part in ("wm_update", "imagine", "ac_update"))
+        assert flops["train_step"] == pytest.approx(flops["wm_update"] + flops["imagine"] + flops["ac_update"])
+    assert smoke["mow_vs_storm_flops"] == smoke["mow"]["flops"]["train_step"] / smoke["flops"]["train_step"]
     assert result["env"]["pong_x1_env_steps_per_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
 

@@ -19,8 +19,9 @@ Forward pass for a batch of sequences with one task each (``task_ids`` ``[B]``):
 5. Per cluster: prior / reward / termination heads on (h, e); shared task head on h.
 
 Open decisions fixed here (defaults in :class:`MoWConfig`, flagged NOT FOUND in SPEC):
-sizes (experts and shared Transformer STORM-sized), e_k dimension 96 (TD-MPC2's value),
-top_k = 2, task head = STORM head trunk + Linear(K), shared-input projection with bias.
+sizes (experts and shared Transformer STORM-wide, one layer each: STORM's depth per token),
+e_k dimension 96 (TD-MPC2's value), top_k = 2, task head = STORM head trunk + Linear(K),
+shared-input projection with bias.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class MoWConfig:
     """VAE sizes, latent, unimix, max_len, head sizes, reward bins, β₁/β₂, free bits."""
     num_tasks: int = 26
     """K: tasks trained jointly."""
-    num_clusters: int = 12
+    num_clusters: int = 15
     """N_m: VAE / head clusters (NOT FOUND; chosen for the ~255 M-parameter total)."""
     num_experts: int = 12
     """N_e: expert (mixer + Transformer) pairs."""
@@ -65,12 +66,13 @@ class MoWConfig:
     temperature_anneal_updates: int = 50_000
     """World-model updates of the linear anneal (NOT FOUND)."""
     expert_d_model: int = 512
-    expert_layers: int = 2
+    """Expert and shared Transformer sizes: NOT FOUND; params.yaml says why one layer each."""
+    expert_layers: int = 1
     expert_heads: int = 8
     expert_ffn: int = 1024
     expert_dropout: float = 0.1
     shared_d_model: int = 512
-    shared_layers: int = 2
+    shared_layers: int = 1
     shared_heads: int = 8
     shared_ffn: int = 1024
     shared_dropout: float = 0.1
