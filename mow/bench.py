@@ -176,7 +176,7 @@ class _Setup:
         """Imagination and its update run at imag_batch rows: scaled to the full batch."""
         return 1.0 if name.startswith("wm_update") else self.full_batch / self.imag_batch
 
-    def count_flops(self) -> None:
+    def record_flops(self) -> None:
         """One call of each part under the FLOP counter (eager parts only: a compiled update
         computes what its eager twin does)."""
         self.flops = {name: count_flops(self.parts.get(f"{name}_eager", fn)) * self._scale(name)
@@ -223,7 +223,7 @@ def _method_worker(conn, params: Params, runtime: Runtime, imag_batch: int | Non
         conn.send(("ready", None))
         while (request := conn.recv()) != "result":
             if request == "count":
-                setup.count_flops()
+                setup.record_flops()
             else:
                 setup.run_once(record=request == "record")
             conn.send(("done", None))
