@@ -86,6 +86,32 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def count_ops(fn) -> int:
+    """Operators one call of ``fn`` dispatches, views excluded. On a GPU each of them launches
+    at least one kernel, and an eager operator costs some microseconds of launch and Python
+    time whatever its size: the count bounds how fast a step with small tensors can run there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        fn()
+    return counter.count
+
+
+def count_work(fn) -> tuple[int, int]:
+    """FLOPs and operators (:func:`count_flops`, :func:`count_ops`) of one call of ``fn``."""
+    ops = []
+    flops = count_flops(lambda: ops.append(count_ops(fn)))
+    return flops, ops[0]
+
+
 def _wm_update(model, opt, runtime: Runtime, clip: float, batch: tuple, loss_fn):
     """One world-model update on a fixed batch (what the trainer does per update, with its
     loss function `loss_fn`), as a closure to time."""
@@ -107,20 +133,20 @@ class _Setup:
 
     def __init__(self, params: Params, runtime: Runtime, imag_batch: int | None, method: str):
         from mow.train import build_models
-        from mow.train_mow import build_mow_models
+        from mow.train_mow import build_mow_models, cluster_major, mixed_task_rows
 
         cfg, wm_cfg = params["train"], params["model"]["world_model"]
         device, num_actions = runtime.device, 18
         self.method, self.device = method, device
-        if method == "mow":  # the 26 Atari games; rows cycle through the tasks, as in training
+        if method == "mow":  # the 26 Atari games; rows mixed and ordered as the trainer does
             from mow.envs import ATARI_GAMES
 
             tasks = ATARI_GAMES
-            wm, ac = build_mow_models(params, "atari", tasks, num_actions,
-                                      [k % params["model"]["mow"]["num_clusters"] for k in range(len(tasks))], device)
+            clusters = torch.arange(len(tasks)) % params["model"]["mow"]["num_clusters"]
+            wm, ac = build_mow_models(params, "atari", tasks, num_actions, clusters.tolist(), device)
 
             def extra(b):
-                return ((torch.arange(b) % len(tasks)).to(device),)
+                return (cluster_major(mixed_task_rows(0, b, len(tasks)), clusters).to(device),)
         else:
             wm, ac = build_models(params, num_actions, device)
 
@@ -171,16 +197,23 @@ class _Setup:
         self.meta = {"wm_batch": [B, T], "imag_batch": self.full_batch, "imag_batch_measured": self.imag_batch,
                      "imag_horizon": cfg["imag_horizon"],
                      "parameters": sum(p.numel() for p in wm.parameters()) + sum(p.numel() for p in ac.parameters())}
+        if method == "mow":  # the operator count grows with the experts the tasks' routing selects
+            self.meta["experts_in_use"] = int(wm.routing().indices.unique().numel())
 
     def _scale(self, name: str) -> float:
         """Imagination and its update run at imag_batch rows: scaled to the full batch."""
         return 1.0 if name.startswith("wm_update") else self.full_batch / self.imag_batch
 
-    def record_flops(self) -> None:
-        """One call of each part under the FLOP counter (eager parts only: a compiled update
-        computes what its eager twin does)."""
-        self.flops = {name: count_flops(self.parts.get(f"{name}_eager", fn)) * self._scale(name)
-                      for name, fn in self.parts.items() if not name.endswith("_eager")}
+    def record_work(self) -> None:
+        """One call of each part under the FLOP and operator counters (eager parts only: a
+        compiled update computes what its eager twin does). Operators are not scaled to the
+        full imagination batch: their number does not grow with the rows."""
+        self.flops, self.ops = {}, {}
+        for name, fn in self.parts.items():
+            if name.endswith("_eager"):
+                continue
+            flops, self.ops[name] = count_work(self.parts.get(f"{name}_eager", fn))
+            self.flops[name] = flops * self._scale(name)
 
     def run_once(self, record: bool) -> None:
         for name, fn in self.parts.items():
@@ -207,7 +240,8 @@ class _Setup:
                 "imagine_and_ac_update_s": t["imagine"] + t["ac_update"],
                 "train_step_s": sum(t.values()),  # one env step's updates at update_ratio 1
                 "samples_s": {name: [round(x, 4) for x in v] for name, v in self.samples.items()},
-                "flops": {**self.flops, "train_step": sum(self.flops.values())}}
+                "flops": {**self.flops, "train_step": sum(self.flops.values())},
+                "ops": {**self.ops, "train_step": sum(self.ops.values())}}
 
 
 def _method_worker(conn, params: Params, runtime: Runtime, imag_batch: int | None, method: str,
@@ -223,7 +257,7 @@ def _method_worker(conn, params: Params, runtime: Runtime, imag_batch: int | Non
         conn.send(("ready", None))
         while (request := conn.recv()) != "result":
             if request == "count":
-                setup.record_flops()
+                setup.record_work()
             else:
                 setup.run_once(record=request == "record")
             conn.send(("done", None))
@@ -247,7 +281,8 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
                  methods: tuple[str, ...] = ("storm", "mow")) -> dict[str, dict]:
     """One env step's updates of each of `methods` (STORM; MoW over the 26 Atari games with
     task-mixed batches), medians over `repeats` after one warm-up call, and each part's
-    FLOPs, counted in a call before the warm-up.
+    FLOPs and operators, counted in a call after the warm-up (the optimisers' state exists by
+    then: the operators are those of a steady update).
 
     Each method runs in a process of its own, as it trains: sharing one process made the
     second method's timings depend on the memory the first had freed (STORM's imagination
@@ -266,7 +301,7 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
             child.close()
             workers[method] = (conn, proc)
             _answer(method, conn, proc)
-        for request in ["count", "warm-up"] + ["record"] * repeats:
+        for request in ["warm-up", "count"] + ["record"] * repeats:
             for method, (conn, proc) in workers.items():
                 conn.send(request)
                 _answer(method, conn, proc)
@@ -316,7 +351,7 @@ def bench_scaling(params: Params, runtime: Runtime, *, tasks=(2, 4, 8, 16, 26), 
 
     Parameter counts are exact (models built on the meta device, actor-critic included).
     Times are one world-model update (loss, backward, clipping, Adam) at the reduced batch
-    ``batch`` (rows cycle through the tasks as in training); N_m = min(num_clusters, K).
+    ``batch`` (rows mixed and ordered as in training); N_m = min(num_clusters, K).
     K STORMs run K updates per env step of every task, as does MoW (update_ratio counts
     updates summed over tasks), so the per-update time ratio is the per-env-step cost ratio.
     """
@@ -324,6 +359,7 @@ def bench_scaling(params: Params, runtime: Runtime, *, tasks=(2, 4, 8, 16, 26), 
     from mow.models.actor_critic import MultiTaskActorCritic
     from mow.models.mow_world_model import MoWWorldModel
     from mow.models.world_model import WorldModel
+    from mow.train_mow import cluster_major, mixed_task_rows
 
     device, num_actions = runtime.device, 18
     cfg, base = params["train"], params.mow_config(26)
@@ -356,7 +392,8 @@ def bench_scaling(params: Params, runtime: Runtime, *, tasks=(2, 4, 8, 16, 26), 
         n_params = _total_params(meta_wm, meta_ac)
         del meta_wm, meta_ac
         model = MoWWorldModel(mcfg, num_actions).to(device)
-        seconds = update_time(model, ((torch.arange(B) % k).to(device),))
+        rows = cluster_major(mixed_task_rows(0, B, k), model.cluster_of_task.cpu())
+        seconds = update_time(model, (rows.to(device),))
         del model
         print(f"bench: sweep K={k} N_e={n_e}: {seconds:.2f} s/update, {n_params / 1e6:.1f} M parameters", flush=True)
         return {"tasks": k, "experts": n_e, "clusters": mcfg.num_clusters, "wm_update_s": seconds,
@@ -479,6 +516,7 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
             # both methods run update_ratio updates per env step (MoW: summed over tasks)
             storm["mow_vs_storm_update_cost"] = cost_ratio(storm, mow)
             storm["mow_vs_storm_flops"] = mow["flops"]["train_step"] / storm["flops"]["train_step"]
+            storm["mow_vs_storm_ops"] = mow["ops"]["train_step"] / storm["ops"]["train_step"]
             storm["end_to_end_env_steps_per_s"] = end_to_end_env_steps_per_s(storm, env_sps, ratio)
             mow["end_to_end_env_steps_per_s"] = end_to_end_env_steps_per_s(mow, env_sps, ratio)
             per_scale[runtime.precision] = storm
@@ -523,7 +561,8 @@ def write_figure(results: dict, path: Path) -> Path:
     labels, parts = [], {"wm_update_s": [], "imagine_s": [], "ac_update_s": []}
     for scale, per in results["scales"].items():
         for prec, r in per.items():
-            cost = f"\n{r['mow_vs_storm_update_cost']:.2f}x time\n{r['mow_vs_storm_flops']:.2f}x FLOPs"
+            cost = (f"\n{r['mow_vs_storm_update_cost']:.2f}x time\n{r['mow_vs_storm_flops']:.2f}x FLOPs"
+                    f"\n{r['mow_vs_storm_ops']:.1f}x ops")
             for name, entry, note in (("STORM", r, ""), ("MoW", r["mow"], cost)):
                 labels.append(f"{name}\n{scale} {prec}{note}")
                 for key in parts:

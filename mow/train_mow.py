@@ -12,8 +12,10 @@ subclass changes what it holds and how batches are formed:
 - Batch mixing (decision): the rows of every world-model batch and every imagination batch
   cycle through the tasks (row r of update u plays task (u·B + r) mod K), so each task
   gets the same share of updates over any K consecutive rows; the stream inside a task is
-  random. Updates run `update_ratio` times per env step summed over tasks, i.e. as many
-  as K single-task STORMs would run, each on a task-mixed batch.
+  random. Each rank then orders its rows by (cluster, task) (`cluster_major`), so that
+  the models select a cluster's rows as views. Updates run `update_ratio` times per env
+  step summed over tasks, i.e. as many as K single-task STORMs would run, each on a
+  task-mixed batch.
 - Models: MoWWorldModel + MultiTaskActorCritic, clusters from `clusters.json`, initialised
   from the warm-up weights (every cluster VAE/head set starts from the shared one).
 - Data parallel (`torchrun --nproc_per_node N -m mow train --method mow --set train.nproc_per_node=N`): every rank
@@ -68,6 +70,15 @@ def mixed_task_rows(update: int, size: int, num_tasks: int, rank: int = 0, world
     local = size // world
     first = update * size + rank * local
     return (torch.arange(local) + first) % num_tasks
+
+
+def cluster_major(tasks: torch.Tensor, cluster_of_task: torch.Tensor) -> torch.Tensor:
+    """The same rows ordered by (cluster, task). Each cluster's and each task's rows are then
+    contiguous, so the models select them as views instead of gathering copies
+    (`mow.models.row_groups`). Row order means nothing in a batch: losses and metrics are
+    per-task means, and BatchNorm statistics are per cluster VAE."""
+    key = cluster_of_task[tasks] * len(cluster_of_task) + tasks
+    return tasks[torch.argsort(key, stable=True)]
 
 
 @torch.no_grad()
@@ -197,7 +208,8 @@ class MultiTaskTrainer(Trainer):
     # -- batches -----------------------------------------------------------------------------
     def _task_rows(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Task and replay stream of each row of this rank's share of a `size`-row batch."""
-        tasks = mixed_task_rows(self.updates, size, self.num_tasks, self.rank, self.world)
+        tasks = cluster_major(mixed_task_rows(self.updates, size, self.num_tasks, self.rank, self.world),
+                              torch.as_tensor(self.clusters.labels))
         within = torch.randint(0, self.envs_per_task, (len(tasks),), generator=self.replay.generator)
         return tasks, tasks * self.envs_per_task + within
 

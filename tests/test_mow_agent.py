@@ -11,7 +11,7 @@ from mow.config import ConfigError, load_params
 from mow.models.actor_critic import AgentConfig, MultiTaskActorCritic
 from mow.models.world_model import Imagination
 from mow.paramcount import PAPER_MOW_MIB, mib_fp32, params_table
-from mow.train_mow import mixed_task_rows, per_task_imagination_metrics
+from mow.train_mow import cluster_major, mixed_task_rows, per_task_imagination_metrics
 from mow.warmup import expand_warmup_weights, random_legal_actions, warmup_model
 
 from conftest import PARAMS
@@ -115,6 +115,36 @@ def test_batches_cycle_through_the_tasks_and_ranks_split_the_global_batch(num_ta
         split = torch.cat([mixed_task_rows(update, size, num_tasks, rank, 2) for rank in range(2)])
         assert torch.equal(split, rows)
     assert (counts == counts[0]).all()  # K consecutive updates: every task the same number of rows
+
+
+def test_cluster_major_orders_rows_by_cluster_then_task_and_keeps_them():
+    tasks = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    ordered = cluster_major(tasks, torch.tensor([1, 0, 1, 2]))  # clusters of tasks 0..3
+    assert ordered.tolist() == [1, 1, 0, 0, 2, 2, 3]
+    rows = cluster_major(mixed_task_rows(3, 64, 26), torch.arange(26) % 15)
+    assert torch.equal(torch.sort(rows).values, torch.sort(mixed_task_rows(3, 64, 26)).values)
+
+
+def test_actor_critic_loss_does_not_depend_on_row_order():
+    """Rows in cluster order (slices) and shuffled (gathers): same loss, same per-task scales."""
+    masks = torch.ones(4, 5, dtype=torch.bool)
+    g = torch.Generator().manual_seed(1)
+    task_ids = torch.tensor([0, 0, 2, 2, 1, 1, 3, 3, 3])  # clusters [0, 1, 0, 1] after set_clusters below
+    task_ids = cluster_major(task_ids, torch.tensor([0, 1, 0, 1]))
+    batch, horizon = len(task_ids), 4
+    imag = Imagination(torch.randn(batch, horizon + 1, 6, generator=g),
+                       torch.randint(0, 5, (batch, horizon), generator=g),
+                       torch.randn(batch, horizon, generator=g) * 50, torch.zeros(batch, horizon))
+    shuffle = torch.randperm(batch, generator=g)
+    results = []
+    for rows in (torch.arange(batch), shuffle):
+        ac = _agent(masks, clusters=2)
+        ac.set_clusters([0, 1, 0, 1])
+        part = Imagination(*(t[rows] for t in (imag.states, imag.actions, imag.rewards, imag.terminations)))
+        loss, _ = ac.compute_loss(part, task_ids[rows])
+        results.append((loss, [float(n.scale()) for n in ac.normalizers]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1] == pytest.approx(results[1][1])
 
 
 def test_warmup_weights_are_copied_into_every_cluster():

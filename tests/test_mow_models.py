@@ -11,6 +11,8 @@ import torch
 from mow.models.multitask_losses import balance_loss, harmonious_loss
 from mow.models.mow_world_model import MoWConfig, MoWWorldModel, mow_parameter_breakdown
 from mow.models.router import TaskEmbedding, TaskRouter, annealed_temperature
+from mow.models.row_groups import assemble, group_rows
+from mow.models.vae import CategoricalVAE
 from mow.models.world_model import Imagination, WorldModelConfig
 
 torch.set_num_threads(2)
@@ -97,9 +99,9 @@ def test_task_embedding_unit_norm_and_same_task_same_experts():
     task_ids = torch.tensor([1, 0, 1, 3, 1])
     routes = model._expert_routes(task_ids, routing)
     chosen = {row: set() for row in range(5)}
-    for expert, rows, _, _ in routes:
-        for row in rows.tolist():
-            chosen[row].add(expert)
+    for route in routes:
+        for row in route.rows.tolist():
+            chosen[row].add(route.expert)
     assert chosen[0] == chosen[2] == chosen[4] == set(routing.indices[1].tolist())
     assert chosen[3] == set(routing.indices[3].tolist())
 
@@ -289,3 +291,47 @@ def test_grouped_batch_equals_each_sequence_alone():
             one = slice(row, row + 1)
             alone = model.hidden_states(z[one], actions[one], task_ids[one])
             torch.testing.assert_close(batched[one], alone, atol=1e-5, rtol=0)
+
+
+def test_row_groups_are_slices_for_runs_and_indices_otherwise():
+    runs = group_rows(torch.tensor([2, 2, 0, 1, 1, 1]))
+    assert [(g.key, g.rows, g.size) for g in runs] == [(2, slice(0, 2), 2), (0, slice(2, 3), 1), (1, slice(3, 6), 3)]
+    mixed = group_rows(torch.tensor([1, 0, 1, 2]))  # key 1 in two runs: index tensors, ascending keys
+    assert [(g.key, g.rows.tolist()) for g in mixed] == [(0, [1]), (1, [0, 2]), (2, [3])]
+    for groups, size in ((runs, 6), (mixed, 4)):
+        values = torch.arange(float(size)) * 10
+        torch.testing.assert_close(assemble([values[g.rows] + 1 for g in groups], groups), values + 1)
+
+
+def test_loss_does_not_depend_on_row_order(monkeypatch):
+    """A batch in cluster order (slices, the trainer's order) and the same rows shuffled (gathers)
+    give the same per-task loss terms and gradients. Sampling is made deterministic (argmax) and
+    dropout is off, so both orders compute the same function."""
+
+    def argmax_sample(logits):
+        logits = logits.float()
+        probs = logits.softmax(-1)
+        one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
+        return (one_hot + probs - probs.detach()).flatten(-2)
+
+    monkeypatch.setattr(CategoricalVAE, "sample", staticmethod(argmax_sample))
+    cfg = dataclasses.replace(TINY, expert_dropout=0.0, shared_dropout=0.0)
+    ordered_tasks = [0, 0, 1, 2, 1, 2, 3]  # clusters [0, 1, 1, 2]: runs 0 | 1 1 1 1 | 2
+    model = make_model(cfg)
+    assert all(isinstance(g.rows, slice) for g in model._cluster_groups(torch.tensor(ordered_tasks)))
+    batch = random_batch(ordered_tasks, 5, cfg)
+    shuffle = torch.tensor([4, 0, 6, 2, 5, 1, 3])
+    results = []
+    for rows in (torch.arange(7), shuffle):
+        model.zero_grad()
+        loss, metrics = model.compute_loss(*(t[rows] for t in batch))
+        loss.backward()
+        results.append((metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (m_ordered, g_ordered), (m_shuffled, g_shuffled) = results
+    assert not all(isinstance(g.rows, slice) for g in model._cluster_groups(batch[-1][shuffle]))
+    assert m_ordered.keys() == m_shuffled.keys()
+    for name in m_ordered:
+        torch.testing.assert_close(m_ordered[name], m_shuffled[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert g_ordered.keys() == g_shuffled.keys()
+    for name in g_ordered:
+        torch.testing.assert_close(g_ordered[name], g_shuffled[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from mow.bench import count_flops, round_totals
+from mow.bench import count_flops, count_ops, count_work, round_totals
+from mow.config import load_params
 from mow.models.transformer import CausalSelfAttention, KVCache
 from mow.models.world_model import WorldModel, WorldModelConfig
 from mow.runtime import adam, retain_cpu_memory, tune_cpu_allocator
@@ -119,6 +120,16 @@ def test_flop_count_matches_hand_computed_values_including_cpu_fused_attention()
     assert count_flops(lambda: out.sum().backward()) == 5 * product
 
 
+def test_operator_count_skips_views_and_counts_backward_operators():
+    x = torch.randn(4, 3)
+    assert count_ops(lambda: (x + 1).relu().view(-1).t()) == 2  # add, relu; view and t are views
+    w = torch.randn(3, 2, requires_grad=True)
+    flops, ops = count_work(lambda: (x @ w).sum().backward())
+    assert flops == 2 * (2 * 4 * 3 * 2)  # forward product and the weight's gradient
+    assert ops == 4  # mm, sum; backward: ones_like (the seed gradient), mm (expand, t: views)
+    assert count_ops(lambda: (x @ w).sum().backward()) == 5  # + add_: the gradient now accumulates
+
+
 def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_samples(tmp_path):
     """`mow bench` at the smoke scale (2 repeats, tiny imagination batch): the JSON holds each
     part of an env step's updates for STORM and MoW, their ratio from the same interleaved
@@ -138,10 +149,13 @@ def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_sa
     rounds = [m / s for s, m in zip(round_totals(smoke), round_totals(smoke["mow"]))]
     assert len(rounds) == 2 and smoke["mow_vs_storm_update_cost"] == pytest.approx(sum(rounds) / 2)
     for method in (smoke, smoke["mow"]):
-        flops = method["flops"]
-        assert all(flops[part] > 0 for part in ("wm_update", "imagine", "ac_update"))
-        assert flops["train_step"] == pytest.approx(flops["wm_update"] + flops["imagine"] + flops["ac_update"])
-    assert smoke["mow_vs_storm_flops"] == smoke["mow"]["flops"]["train_step"] / smoke["flops"]["train_step"]
+        for work in ("flops", "ops"):
+            counts = method[work]
+            assert all(counts[part] > 0 for part in ("wm_update", "imagine", "ac_update"))
+            assert counts["train_step"] == pytest.approx(counts["wm_update"] + counts["imagine"] + counts["ac_update"])
+    assert 1 <= smoke["mow"]["experts_in_use"] <= load_params(PARAMS, scale="smoke")["model"]["mow"]["num_experts"]
+    for work in ("flops", "ops"):
+        assert smoke[f"mow_vs_storm_{work}"] == smoke["mow"][work]["train_step"] / smoke[work]["train_step"]
     assert result["env"]["pong_x1_env_steps_per_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
 

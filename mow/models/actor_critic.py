@@ -31,6 +31,7 @@ from torch.distributions import Categorical
 
 from mow.models.continuous import TanhGaussian, TanhGaussianHead
 from mow.models.heads import mlp_trunk
+from mow.models.row_groups import assemble, group_rows
 from mow.models.world_model import Imagination
 from mow.numerics import LAMBDA_FORMS, PercentileNormalizer, TwoHot, lambda_return
 
@@ -309,12 +310,8 @@ class MultiTaskActorCritic(nn.Module):
         return _act(self.policy(state, task_ids), greedy)
 
     def _by_cluster(self, modules: nn.ModuleList, states: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        clusters = self.cluster_of_task[task_ids]
-        out = states.new_empty(*states.shape[:-1], self.cfg.value_bins)
-        for cluster in torch.unique(clusters).tolist():
-            rows = (clusters == cluster).nonzero().squeeze(1)
-            out[rows] = modules[cluster](states[rows]).to(out.dtype)
-        return out
+        groups = group_rows(self.cluster_of_task[task_ids])
+        return assemble([modules[g.key](states[g.rows]).to(states.dtype) for g in groups], groups)
 
     def compute_loss(
         self, imag: Imagination, task_ids: torch.Tensor
@@ -325,11 +322,9 @@ class MultiTaskActorCritic(nn.Module):
             slow_logits = self._by_cluster(self.slow_critics, states, task_ids)
 
         def per_task_scale(returns: torch.Tensor) -> torch.Tensor:
-            scale = returns.new_ones(returns.shape[0], 1)
-            for task in torch.unique(task_ids).tolist():
-                rows = (task_ids == task).nonzero().squeeze(1)
-                scale[rows] = self.normalizers[task].update(returns[rows])
-            return scale
+            groups = group_rows(task_ids)
+            scales = [self.normalizers[g.key].update(returns[g.rows]).expand(g.size, 1) for g in groups]
+            return assemble(scales, groups)
 
         return imagination_loss(
             self.cfg, self.two_hot, self.policy(states[:, :-1], task_ids),

@@ -35,6 +35,7 @@ from torch import nn
 from mow.models.heads import DistHead, RewardHead, TerminationHead, concat_condition, mlp_trunk
 from mow.models.multitask_losses import balance_loss, harmonious_loss
 from mow.models.router import Routing, TaskEmbedding, TaskRouter
+from mow.models.row_groups import RowGroup, assemble, group_rows
 from mow.models.transformer import CausalTransformer, KVCache, TokenMixer
 from mow.models.vae import CategoricalVAE, images_to_float
 from mow.models.world_model import Imagination, Policy, WorldModelConfig, eval_mode
@@ -151,16 +152,16 @@ class MoWCache:
     shared: KVCache | None
 
 
-# (expert index, batch rows, slot of the expert in each row's J_k, router weight per row)
-ExpertRoute = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
+@dataclass(frozen=True)
+class ExpertRoute:
+    """The batch rows whose task selects ``expert``, the router weight W_{k,j} of each, and
+    where the expert's output goes in the ``[B·top_k]`` stack of expert slots (row r's
+    slot s is position r·top_k + s)."""
 
-
-def _assemble(parts: list[torch.Tensor], positions: list[torch.Tensor]) -> torch.Tensor:
-    """Stack per-group results back into batch order; ``positions`` partition 0..N-1."""
-    if len(parts) == 1:
-        return parts[0]  # a single group holds every position, already in order
-    order = torch.cat(positions)
-    return torch.cat(parts)[torch.argsort(order)]
+    expert: int
+    rows: torch.Tensor
+    weights: torch.Tensor
+    slots: RowGroup
 
 
 class MoWWorldModel(nn.Module):
@@ -262,11 +263,8 @@ class MoWWorldModel(nn.Module):
         return self.router(self.task_embedding())
 
     # ------------------------------------------------------------------ grouping
-    def _cluster_groups(self, task_ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        clusters = self.cluster_of_task[task_ids]
-        return [
-            (c, (clusters == c).nonzero().squeeze(1)) for c in torch.unique(clusters).tolist()
-        ]
+    def _cluster_groups(self, task_ids: torch.Tensor) -> list[RowGroup]:
+        return group_rows(self.cluster_of_task[task_ids])
 
     def _expert_routes(self, task_ids: torch.Tensor, routing: Routing) -> list[ExpertRoute]:
         if self.experts is None:
@@ -275,7 +273,8 @@ class MoWWorldModel(nn.Module):
         routes = []
         for expert in torch.unique(indices).tolist():
             rows, slots = (indices == expert).nonzero(as_tuple=True)
-            routes.append((expert, rows, slots, weights[rows, slots]))
+            positions = RowGroup(expert, rows * self.cfg.top_k + slots, len(rows))
+            routes.append(ExpertRoute(expert, rows, weights[rows, slots], positions))
         return routes
 
     def new_cache(self, task_ids: torch.Tensor) -> MoWCache:
@@ -286,7 +285,7 @@ class MoWWorldModel(nn.Module):
     def _new_cache(self, routes: list[ExpertRoute]) -> MoWCache:
         assert self.experts is not None or not routes
         return MoWCache(
-            {j: self.experts[j].transformer.new_cache() for j, *_ in routes},  # type: ignore[index]
+            {r.expert: self.experts[r.expert].transformer.new_cache() for r in routes},  # type: ignore[index]
             self.shared.new_cache() if self.shared is not None else None,
         )
 
@@ -306,13 +305,14 @@ class MoWWorldModel(nn.Module):
             assert self.shared_input is not None
             batch, steps = actions.shape[:2]
             top_k, width = self.cfg.top_k, self.cfg.expert_d_model
-            parts, positions = [], []
-            for expert, rows, slots, weights in routes:
-                expert_cache = cache.experts[expert] if cache is not None else None
-                out = self.experts[expert](z[rows], actions[rows], embedding[rows], expert_cache)
-                parts.append(out * weights.to(out.dtype)[:, None, None])
-                positions.append(rows * top_k + slots)
-            features = _assemble(parts, positions).view(batch, top_k, steps, width)
+            parts = []
+            for route in routes:
+                rows = route.rows
+                expert_cache = cache.experts[route.expert] if cache is not None else None
+                out = self.experts[route.expert](z[rows], actions[rows], embedding[rows], expert_cache)
+                parts.append(out * route.weights.to(out.dtype)[:, None, None])
+            features = assemble(parts, [route.slots for route in routes])
+            features = features.view(batch, top_k, steps, width)
             features = features.transpose(1, 2).reshape(batch, steps, top_k * width)
             tokens = self.shared_input(concat_condition(features, embedding))
         if self.shared is None:
@@ -367,30 +367,30 @@ class MoWWorldModel(nn.Module):
         groups = self._cluster_groups(task_ids)
 
         # Perception, per VAE cluster.
-        posteriors, latents, rec_errors, rows_of = [], [], [], []
-        for cluster, rows in groups:
-            vae = self.vaes[cluster]
+        posteriors, latents, rec_errors = [], [], []
+        for group in groups:
+            vae, rows = self.vaes[group.key], group.rows
             images = images_to_float(obs[rows].flatten(0, 1))  # also the target
             cond = embedding[rows].repeat_interleave(steps, dim=0)
             posterior = vae.encode_images(images, cond)
             z = vae.sample(posterior)
             reconstruction = vae.decode(z, cond)
             error = (reconstruction.float() - images).square().sum(dim=(1, 2, 3))
-            posteriors.append(posterior.view(len(rows), steps, *posterior.shape[1:]))
-            latents.append(z.view(len(rows), steps, -1))
-            rec_errors.append(error.view(len(rows), steps).mean(1))
-            rows_of.append(rows)
-        posterior = _assemble(posteriors, rows_of)  # [B, T, stoch, classes]
-        z = _assemble(latents, rows_of)
-        rec = _assemble(rec_errors, rows_of)  # [B]
+            posteriors.append(posterior.view(group.size, steps, *posterior.shape[1:]))
+            latents.append(z.view(group.size, steps, -1))
+            rec_errors.append(error.view(group.size, steps).mean(1))
+        posterior = assemble(posteriors, groups)  # [B, T, stoch, classes]
+        z = assemble(latents, groups)
+        rec = assemble(rec_errors, groups)  # [B]
 
         hidden = self._hidden(z, actions, embedding, self._expert_routes(task_ids, routing))
 
         # Cluster heads; per-sequence losses.
         posterior_next = posterior[:, 1:]
         reward_parts, term_parts, dyn_parts, rep_parts = [], [], [], []
-        for cluster, rows in groups:
-            heads, h, cond = self.heads[cluster], hidden[rows], embedding[rows]
+        for group in groups:
+            rows = group.rows
+            heads, h, cond = self.heads[group.key], hidden[rows], embedding[rows]
             log_probs = F.log_softmax(heads.reward(h, cond).float(), dim=-1)
             reward_parts.append(-(self.two_hot.encode(rewards[rows]) * log_probs).sum(-1).mean(1))
             term_logits = heads.termination(h, cond).float()
@@ -403,10 +403,10 @@ class MoWWorldModel(nn.Module):
             target = posterior_next[rows]
             dyn_parts.append(categorical_kl(target.detach(), prior).mean(1))
             rep_parts.append(categorical_kl(target, prior.detach()).mean(1))
-        reward = _assemble(reward_parts, rows_of)
-        termination = _assemble(term_parts, rows_of)
-        dyn_kl = _assemble(dyn_parts, rows_of)
-        rep_kl = _assemble(rep_parts, rows_of)
+        reward = assemble(reward_parts, groups)
+        termination = assemble(term_parts, groups)
+        dyn_kl = assemble(dyn_parts, groups)
+        rep_kl = assemble(rep_parts, groups)
 
         task_logits = self.task_head(hidden).float()  # [B, T, K]
         task_ce = F.cross_entropy(
@@ -459,28 +459,26 @@ class MoWWorldModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def _encode_context(
-        self, obs_ctx: torch.Tensor, embedding: torch.Tensor, groups: list[tuple[int, torch.Tensor]]
+        self, obs_ctx: torch.Tensor, embedding: torch.Tensor, groups: list[RowGroup]
     ) -> torch.Tensor:
         steps = obs_ctx.shape[1]
-        parts, rows_of = [], []
-        for cluster, rows in groups:
-            vae = self.vaes[cluster]
+        parts = []
+        for group in groups:
+            vae, rows = self.vaes[group.key], group.rows
             cond = embedding[rows].repeat_interleave(steps, dim=0)
             z = vae.sample(vae.encode(obs_ctx[rows].flatten(0, 1), cond))
-            parts.append(z.view(len(rows), steps, -1))
-            rows_of.append(rows)
-        return _assemble(parts, rows_of)
+            parts.append(z.view(group.size, steps, -1))
+        return assemble(parts, groups)
 
     def _prior_state(
         self,
         hidden: torch.Tensor,
         embedding: torch.Tensor,
-        groups: list[tuple[int, torch.Tensor]],
+        groups: list[RowGroup],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample ẑ ~ prior_{i_k}(h, e_k); return (ẑ, agent state [ẑ, h]) in float32."""
-        logits = _assemble(
-            [self.heads[c].prior(hidden[rows], embedding[rows]) for c, rows in groups],
-            [rows for _, rows in groups],
+        logits = assemble(
+            [self.heads[g.key].prior(hidden[g.rows], embedding[g.rows]) for g in groups], groups
         )
         z = CategoricalVAE.sample(logits)
         return z, torch.cat([z, hidden.float()], dim=-1)
@@ -550,13 +548,13 @@ class MoWWorldModel(nn.Module):
                 hiddens.append(hidden)
             states[:, horizon] = self._prior_state(hidden, embedding, groups)[1]
             imagined = torch.stack(hiddens, dim=1)
-            rows_of = [rows for _, rows in groups]
-            reward_logits = _assemble(
-                [self.heads[c].reward(imagined[r], embedding[r]) for c, r in groups], rows_of
+            reward_logits = assemble(
+                [self.heads[g.key].reward(imagined[g.rows], embedding[g.rows]) for g in groups],
+                groups,
             )
-            termination_logits = _assemble(
-                [self.heads[c].termination(imagined[r], embedding[r]) for c, r in groups],
-                rows_of,
+            termination_logits = assemble(
+                [self.heads[g.key].termination(imagined[g.rows], embedding[g.rows]) for g in groups],
+                groups,
             )
             rewards = self.two_hot.decode(reward_logits)
             terminations = (termination_logits > 0).float()
