@@ -138,6 +138,7 @@ class _Setup:
         cfg, wm_cfg = params["train"], params["model"]["world_model"]
         device, num_actions = runtime.device, 18
         self.method, self.device = method, device
+        torch.manual_seed(0)  # the same weights every run: MoW's routing, and so its work, follow them
         if method == "mow":  # the 26 Atari games; rows mixed and ordered as the trainer does
             from mow.envs import ATARI_GAMES
 
@@ -345,13 +346,14 @@ def _total_params(*modules: torch.nn.Module) -> int:
 
 
 def bench_scaling(params: Params, runtime: Runtime, *, tasks=(2, 4, 8, 16, 26), experts=(3, 6, 12),
-                  batch: tuple[int, int] = (16, 16), repeats: int = 1) -> dict:
+                  batch: tuple[int, int] = (16, 16), repeats: int = 3) -> dict:
     """MoW world-model update time and parameter count against the number of tasks K (at
     the configured N_e) and of experts N_e (at K = 26), next to K separate STORMs.
 
     Parameter counts are exact (models built on the meta device, actor-critic included).
-    Times are one world-model update (loss, backward, clipping, Adam) at the reduced batch
-    ``batch`` (rows mixed and ordered as in training); N_m = min(num_clusters, K).
+    Times are the median of ``repeats`` world-model updates (loss, backward, clipping, Adam),
+    after one untimed, at the reduced batch ``batch`` (rows mixed and ordered as in
+    training); N_m = min(num_clusters, K).
     K STORMs run K updates per env step of every task, as does MoW (update_ratio counts
     updates summed over tasks), so the per-update time ratio is the per-env-step cost ratio.
     """
@@ -391,6 +393,7 @@ def bench_scaling(params: Params, runtime: Runtime, *, tasks=(2, 4, 8, 16, 26), 
                                            mcfg.num_clusters)
         n_params = _total_params(meta_wm, meta_ac)
         del meta_wm, meta_ac
+        torch.manual_seed(0)  # reproducible routing (see _Setup)
         model = MoWWorldModel(mcfg, num_actions).to(device)
         rows = cluster_major(mixed_task_rows(0, B, k), model.cluster_of_task.cpu())
         seconds = update_time(model, (rows.to(device),))

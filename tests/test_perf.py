@@ -133,11 +133,12 @@ def test_operator_count_skips_views_and_counts_backward_operators():
 def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_samples(tmp_path):
     """`mow bench` at the smoke scale (2 repeats, tiny imagination batch): the JSON holds each
     part of an env step's updates for STORM and MoW, their ratio from the same interleaved
-    run, env throughput, memory, and the figure is written next to it. Values are not judged."""
+    run, env throughput, memory, the scaling sweep over tasks and experts, and the figure is
+    written next to it. Values are not judged."""
     (tmp_path / "params.yaml").write_text(PARAMS.read_text())
     out = tmp_path / "bench" / "bench.json"
-    res = run_mow(["bench", "--scales", "smoke", "--repeats", "2", "--imag-batch", "8", "--out", str(out)],
-                  cwd=tmp_path, timeout=600)
+    res = run_mow(["bench", "--scales", "smoke", "--repeats", "2", "--imag-batch", "8", "--sweep",
+                   "--sweep-batch", "4x4", "--out", str(out)], cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(out.read_text())
     smoke = result["scales"]["smoke"]["fp32"]
@@ -157,6 +158,16 @@ def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_sa
     for work in ("flops", "ops"):
         assert smoke[f"mow_vs_storm_{work}"] == smoke["mow"][work]["train_step"] / smoke[work]["train_step"]
     assert result["env"]["pong_x1_env_steps_per_s"] > 0
+    sweep = result["scaling"]
+    assert [p["tasks"] for p in sweep["by_tasks"]] == [2, 4, 8, 16, 26]
+    assert [p["experts"] for p in sweep["by_experts"]] == [3, 6, 12] and sweep["batch"] == [4, 4]
+    for point in sweep["by_tasks"] + sweep["by_experts"]:
+        assert point["update_cost_vs_storm"] == pytest.approx(point["wm_update_s"] / sweep["storm_wm_update_s"])
+        assert point["parameters_vs_k_storms"] == pytest.approx(
+            point["parameters"] / (point["tasks"] * sweep["storm_parameters"]))
+    by_tasks = [p["parameters"] for p in sweep["by_tasks"]]
+    by_experts = [p["parameters"] for p in sweep["by_experts"]]
+    assert by_tasks == sorted(by_tasks) and by_experts == sorted(by_experts) and len(set(by_experts)) == 3
     assert out.with_suffix(".png").stat().st_size > 0
 
 
