@@ -97,7 +97,7 @@ def test_task_embedding_unit_norm_and_same_task_same_experts():
     model = make_model()
     routing = model.routing()
     task_ids = torch.tensor([1, 0, 1, 3, 1])
-    routes = model._expert_routes(task_ids, routing)
+    routes = model._expert_routes(task_ids, routing, model.task_embedding(task_ids))
     chosen = {row: set() for row in range(5)}
     for route in routes:
         for row in route.rows.tolist():
@@ -335,3 +335,25 @@ def test_loss_does_not_depend_on_row_order(monkeypatch):
     assert g_ordered.keys() == g_shuffled.keys()
     for name in g_ordered:
         torch.testing.assert_close(g_ordered[name], g_shuffled[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("tasks", [[3, 0, 2, 0, 1], [0, 0, 1, 2, 3]])  # gathered rows, then runs (slices)
+def test_prior_of_each_row_is_its_cluster_head_mixed_once_for_all(monkeypatch, tasks):
+    """The imagination's prior: per-cluster linear maps, one uniform mix over all rows; each
+    row's logits equal its own cluster head's full forward."""
+    model = make_model().eval()
+    task_ids = torch.tensor(tasks)
+    hidden = torch.randn(5, TINY.shared_d_model, generator=torch.Generator().manual_seed(3))
+    embedding = model.task_embedding(task_ids)
+    sampled = []
+
+    def capture(logits):
+        sampled.append(logits)
+        return torch.zeros(5, TINY.world.latent_dim)
+
+    monkeypatch.setattr(CategoricalVAE, "sample", staticmethod(capture))
+    with torch.no_grad():
+        model._prior_state(hidden, embedding, model._cluster_groups(task_ids))
+        clusters = model.cluster_of_task[task_ids].tolist()
+        expected = torch.cat([model.heads[c].prior(hidden[r:r + 1], embedding[r:r + 1]) for r, c in enumerate(clusters)])
+    torch.testing.assert_close(sampled[0], expected)

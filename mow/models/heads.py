@@ -55,9 +55,12 @@ class DistHead(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """``[..., in_dim]`` -> float32 unimixed logits ``[..., stoch, classes]``."""
-        logits = self.linear(concat_condition(x, cond))
-        logits = logits.unflatten(-1, (self.stoch, self.classes))
-        return unimix_logits(logits, self.unimix)
+        return unimix_logits(self.raw_logits(x, cond), self.unimix)
+
+    def raw_logits(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits before the uniform mix, ``[..., stoch, classes]``: MoW mixes the rows
+        of all its cluster heads at once (one elementwise pass instead of one per cluster)."""
+        return self.linear(concat_condition(x, cond)).unflatten(-1, (self.stoch, self.classes))
 
 
 class RewardHead(nn.Module):

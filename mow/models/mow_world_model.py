@@ -39,7 +39,7 @@ from mow.models.row_groups import RowGroup, assemble, group_rows
 from mow.models.transformer import CausalTransformer, KVCache, TokenMixer
 from mow.models.vae import CategoricalVAE, images_to_float
 from mow.models.world_model import Imagination, Policy, WorldModelConfig, eval_mode
-from mow.numerics import TwoHot, categorical_kl
+from mow.numerics import TwoHot, categorical_kl, unimix_logits
 
 
 @dataclass(frozen=True)
@@ -154,12 +154,14 @@ class MoWCache:
 
 @dataclass(frozen=True)
 class ExpertRoute:
-    """The batch rows whose task selects ``expert``, the router weight W_{k,j} of each, and
-    where the expert's output goes in the ``[B·top_k]`` stack of expert slots (row r's
-    slot s is position r·top_k + s)."""
+    """The batch rows whose task selects ``expert``, their task embeddings, the router
+    weight W_{k,j} of each, and where the expert's output goes in the ``[B·top_k]`` stack
+    of expert slots (row r's slot s is position r·top_k + s). Gathered once per route, not
+    at every imagined step."""
 
     expert: int
     rows: torch.Tensor
+    embedding: torch.Tensor
     weights: torch.Tensor
     slots: RowGroup
 
@@ -266,7 +268,10 @@ class MoWWorldModel(nn.Module):
     def _cluster_groups(self, task_ids: torch.Tensor) -> list[RowGroup]:
         return group_rows(self.cluster_of_task[task_ids])
 
-    def _expert_routes(self, task_ids: torch.Tensor, routing: Routing) -> list[ExpertRoute]:
+    def _expert_routes(
+        self, task_ids: torch.Tensor, routing: Routing, embedding: torch.Tensor
+    ) -> list[ExpertRoute]:
+        """Routes of the rows of tasks ``task_ids`` ``[B]`` whose embeddings are ``embedding``."""
         if self.experts is None:
             return []
         indices, weights = routing.indices[task_ids], routing.weights[task_ids]
@@ -274,12 +279,13 @@ class MoWWorldModel(nn.Module):
         for expert in torch.unique(indices).tolist():
             rows, slots = (indices == expert).nonzero(as_tuple=True)
             positions = RowGroup(expert, rows * self.cfg.top_k + slots, len(rows))
-            routes.append(ExpertRoute(expert, rows, weights[rows, slots], positions))
+            routes.append(ExpertRoute(expert, rows, embedding[rows], weights[rows, slots], positions))
         return routes
 
     def new_cache(self, task_ids: torch.Tensor) -> MoWCache:
         """Empty KV caches for the experts that the tasks in ``task_ids`` select."""
-        routes = self._expert_routes(task_ids, self.routing())
+        embeddings = self.task_embedding()
+        routes = self._expert_routes(task_ids, self.router(embeddings), embeddings[task_ids])
         return self._new_cache(routes)
 
     def _new_cache(self, routes: list[ExpertRoute]) -> MoWCache:
@@ -309,7 +315,7 @@ class MoWWorldModel(nn.Module):
             for route in routes:
                 rows = route.rows
                 expert_cache = cache.experts[route.expert] if cache is not None else None
-                out = self.experts[route.expert](z[rows], actions[rows], embedding[rows], expert_cache)
+                out = self.experts[route.expert](z[rows], actions[rows], route.embedding, expert_cache)
                 parts.append(out * route.weights.to(out.dtype)[:, None, None])
             features = assemble(parts, [route.slots for route in routes])
             features = features.view(batch, top_k, steps, width)
@@ -330,8 +336,9 @@ class MoWWorldModel(nn.Module):
         (``[B, T, A]`` continuous), ``task_ids`` ``[B]`` -> h ``[B, T, shared_d_model]``. With a cache (from
         :meth:`new_cache` for the same ``task_ids``) the steps continue the cached ones."""
         embeddings = self.task_embedding()
-        routes = self._expert_routes(task_ids, self.router(embeddings))
-        return self._hidden(z, actions, embeddings[task_ids], routes, cache)
+        embedding = embeddings[task_ids]
+        routes = self._expert_routes(task_ids, self.router(embeddings), embedding)
+        return self._hidden(z, actions, embedding, routes, cache)
 
     # ------------------------------------------------------------------ training
     def _per_task_mean(self, values: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -383,7 +390,7 @@ class MoWWorldModel(nn.Module):
         z = assemble(latents, groups)
         rec = assemble(rec_errors, groups)  # [B]
 
-        hidden = self._hidden(z, actions, embedding, self._expert_routes(task_ids, routing))
+        hidden = self._hidden(z, actions, embedding, self._expert_routes(task_ids, routing, embedding))
 
         # Cluster heads; per-sequence losses.
         posterior_next = posterior[:, 1:]
@@ -466,9 +473,9 @@ class MoWWorldModel(nn.Module):
         for group in groups:
             vae, rows = self.vaes[group.key], group.rows
             cond = embedding[rows].repeat_interleave(steps, dim=0)
-            z = vae.sample(vae.encode(obs_ctx[rows].flatten(0, 1), cond))
-            parts.append(z.view(group.size, steps, -1))
-        return assemble(parts, groups)
+            posterior = vae.encode(obs_ctx[rows].flatten(0, 1), cond)
+            parts.append(posterior.view(group.size, steps, *posterior.shape[1:]))
+        return CategoricalVAE.sample(assemble(parts, groups))  # one sampling pass for all clusters
 
     def _prior_state(
         self,
@@ -476,19 +483,26 @@ class MoWWorldModel(nn.Module):
         embedding: torch.Tensor,
         groups: list[RowGroup],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample ẑ ~ prior_{i_k}(h, e_k); return (ẑ, agent state [ẑ, h]) in float32."""
+        """Sample ẑ ~ prior_{i_k}(h, e_k); return (ẑ, agent state [ẑ, h]) in float32.
+
+        Only the heads' linear maps run per cluster; the uniform mix and the sample, the
+        same elementwise functions for every cluster, run once over all rows (imagination
+        calls this at every step, so each per-cluster operator is one more GPU kernel launch
+        per step and cluster)."""
+        heads = [self.heads[g.key].prior for g in groups]
         logits = assemble(
-            [self.heads[g.key].prior(hidden[g.rows], embedding[g.rows]) for g in groups], groups
+            [head.raw_logits(hidden[g.rows], embedding[g.rows]) for head, g in zip(heads, groups)],
+            groups,
         )
-        z = CategoricalVAE.sample(logits)
+        z = CategoricalVAE.sample(unimix_logits(logits, self.cfg.world.unimix))
         return z, torch.cat([z, hidden.float()], dim=-1)
 
     def _start(
         self, obs_ctx: torch.Tensor, act_ctx: torch.Tensor, task_ids: torch.Tensor, with_cache: bool
     ):
         embeddings = self.task_embedding()
-        routes = self._expert_routes(task_ids, self.router(embeddings))
         embedding = embeddings[task_ids]
+        routes = self._expert_routes(task_ids, self.router(embeddings), embedding)
         groups = self._cluster_groups(task_ids)
         cache = self._new_cache(routes) if with_cache else None
         z = self._encode_context(obs_ctx, embedding, groups)
