@@ -133,6 +133,7 @@ class MultiTaskTrainer(Trainer):
         run_dir = spec.run_dir(kwargs.get("runs_root", "runs"))
         self.pretrained = Path(pretrained) if pretrained is not None else pretrain_path(run_dir)
         self.clusters = check_clusters_file(clusters_path(run_dir), self.tasks, params)
+        self.cluster_of_task = torch.as_tensor(self.clusters.labels)  # host copy: orders every batch
         if self.rank:
             kwargs["track"], kwargs["progress"] = False, False
         super().__init__(spec, params, **kwargs)
@@ -209,7 +210,7 @@ class MultiTaskTrainer(Trainer):
     def _task_rows(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Task and replay stream of each row of this rank's share of a `size`-row batch."""
         tasks = cluster_major(mixed_task_rows(self.updates, size, self.num_tasks, self.rank, self.world),
-                              torch.as_tensor(self.clusters.labels))
+                              self.cluster_of_task)
         within = torch.randint(0, self.envs_per_task, (len(tasks),), generator=self.replay.generator)
         return tasks, tasks * self.envs_per_task + within
 
