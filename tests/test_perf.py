@@ -16,7 +16,7 @@ import torch
 
 from mow.bench import count_flops, count_ops, count_work, round_totals
 from mow.config import load_params
-from mow.models.transformer import CausalSelfAttention, KVCache
+from mow.models.transformer import CausalSelfAttention, KVCache, explicit_attention
 from mow.models.world_model import WorldModel, WorldModelConfig
 from mow.runtime import adam, retain_cpu_memory, tune_cpu_allocator
 
@@ -40,20 +40,40 @@ def reference_attention(module: CausalSelfAttention, x: torch.Tensor) -> torch.T
     return module.out((weights @ v).transpose(1, 2).reshape(batch, steps, width))
 
 
-def test_fused_attention_matches_reference_with_and_without_cache():
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_attention_matches_reference_with_and_without_cache(mode):
+    """eval on CPU runs `explicit_attention`; train (dropout 0 here) runs fused SDPA."""
     torch.manual_seed(0)
-    attention = CausalSelfAttention(32, 4, dropout=0.0).eval()
+    attention = CausalSelfAttention(32, 4, dropout=0.0).train(mode == "train")
     x = torch.randn(3, 7, 32)
-    expected = reference_attention(attention, x)
-    torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
-    # the KV-cache path: a 4-step prefix, then one step at a time (imagination)
-    cache = KVCache(1, 8)
-    chunks = [attention(x[:, :4], cache, 0)]
-    cache.advance(4)
-    for t in range(4, 7):
-        chunks.append(attention(x[:, t : t + 1], cache, 0))
-        cache.advance(1)
+    with torch.no_grad():
+        expected = reference_attention(attention, x)
+        torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
+        # the KV-cache path: a 4-step prefix (masked against nothing cached), then a
+        # 2-step chunk (masked against the cached prefix), then one step (imagination)
+        cache = KVCache(1, 8)
+        chunks = []
+        for start, stop in [(0, 4), (4, 6), (6, 7)]:
+            chunks.append(attention(x[:, start:stop], cache, 0))
+            cache.advance(stop - start)
     torch.testing.assert_close(torch.cat(chunks, 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_attention_matches_fused_attention_in_bf16():
+    """The CPU inference formula against fused SDPA at an imagination shape (one query
+    over a cached prefix) and a context shape (causal), in bf16 against a float64 truth:
+    within the 2e-2 absolute that bf16 activations are held to, plus torch's bf16 relative
+    tolerance (1.6e-2) for the larger outputs. Fused SDPA in bf16 errs up to ~1.2e-2 here."""
+    torch.manual_seed(0)
+    for queries, keys, causal in [(1, 24, False), (8, 8, True)]:
+        q, k, v = (torch.randn(64, 8, n, 64) for n in (queries, keys, keys))
+        truth = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                                 is_causal=causal)
+        bf = [t.bfloat16() for t in (q, k, v)]
+        torch.testing.assert_close(explicit_attention(q, k, v, is_causal=causal).double(), truth,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(explicit_attention(*bf, is_causal=causal).double(), truth,
+                                   rtol=1.6e-2, atol=2e-2)
 
 
 def test_fused_adam_matches_the_loop_implementation():
