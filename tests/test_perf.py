@@ -59,11 +59,11 @@ def test_attention_matches_reference_with_and_without_cache(mode):
     torch.testing.assert_close(torch.cat(chunks, 1), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_explicit_attention_matches_fused_attention_in_bf16():
-    """The CPU inference formula against fused SDPA at an imagination shape (one query
-    over a cached prefix) and a context shape (causal), in bf16 against a float64 truth:
-    within the 2e-2 absolute that bf16 activations are held to, plus torch's bf16 relative
-    tolerance (1.6e-2) for the larger outputs. Fused SDPA in bf16 errs up to ~1.2e-2 here."""
+def test_explicit_attention_matches_a_float64_truth_in_fp32_and_bf16():
+    """The CPU inference formula at an imagination shape (one query over a cached prefix)
+    and a context shape (causal) against float64 attention: fp32 to 1e-5; bf16 within the
+    2e-2 absolute that bf16 activations are held to, plus torch's bf16 relative tolerance
+    (1.6e-2) for the larger outputs."""
     torch.manual_seed(0)
     for queries, keys, causal in [(1, 24, False), (8, 8, True)]:
         q, k, v = (torch.randn(64, 8, n, 64) for n in (queries, keys, keys))

@@ -157,7 +157,7 @@ def explicit_attention(
 
     Used for CPU inference (imagination, acting): at its shapes (one to a few queries per
     row over at most ``max_len`` keys, thousands of rows) torch's CPU flash-attention
-    kernel is 1.1-2x slower than this in fp32 and 1.8-3x in bf16 (README Speed). Training
+    kernel is 1.1-2.1x slower than this in fp32 and 1.8-3.2x in bf16 (README Speed). Training
     keeps SDPA, which runs this same formula on CPU when dropout is on; CUDA keeps SDPA's
     fused kernels."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
