@@ -200,6 +200,7 @@ class _Setup:
                      "parameters": sum(p.numel() for p in wm.parameters()) + sum(p.numel() for p in ac.parameters())}
         if method == "mow":  # the operator count grows with the experts the tasks' routing selects
             self.meta["experts_in_use"] = int(wm.routing().indices.unique().numel())
+            self.meta["module_batches"] = wm._batched(device)  # experts and cluster heads (CUDA)
 
     def _scale(self, name: str) -> float:
         """Imagination and its update run at imag_batch rows: scaled to the full batch."""

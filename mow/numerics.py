@@ -180,7 +180,7 @@ class PercentileNormalizer(nn.Module):
             raise ValueError(f"percentile decay must be in [0, 1), got {decay}")
         if not 0.0 <= low < high <= 1.0:
             raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
-        self.decay = decay
+        self.decay, self.percentiles = decay, (low, high)
         self.register_buffer("low", torch.zeros((), dtype=torch.float32))
         self.register_buffer("high", torch.zeros((), dtype=torch.float32))
         # Kept on the module's device so that an update needs no host-to-device copy.
@@ -197,3 +197,20 @@ class PercentileNormalizer(nn.Module):
     def scale(self) -> torch.Tensor:
         """max(1, high - low) as a float32 scalar tensor (no host sync)."""
         return torch.clamp(self.high - self.low, min=1.0)
+
+
+@torch.no_grad()
+def update_normalizers(normalizers: list[PercentileNormalizer], returns: torch.Tensor) -> torch.Tensor:
+    """``normalizers[i].update(row i of returns)`` for all i at once: ``returns`` ``[N, M]``
+    with NaN where a row has fewer than M values (ragged groups, padded); returns the new
+    scales ``[N]``. One quantile over all rows (NaNs ignored: the same order statistics as
+    each row's values alone) and one multi-tensor EMA step for all normalizers, instead of
+    ~17 operators per normaliser (MoW has one per task)."""
+    first = normalizers[0]
+    if any((n.decay, n.percentiles) != (first.decay, first.percentiles) for n in normalizers):
+        raise ValueError("update_normalizers needs normalizers with one decay and one pair of percentiles")
+    low, high = torch.nanquantile(returns.detach().float(), first.levels, dim=1)  # each [N]
+    lows, highs = [n.low for n in normalizers], [n.high for n in normalizers]
+    torch._foreach_lerp_(lows, list(low.unbind()), 1.0 - first.decay)
+    torch._foreach_lerp_(highs, list(high.unbind()), 1.0 - first.decay)
+    return torch.clamp(torch.stack(highs) - torch.stack(lows), min=1.0)

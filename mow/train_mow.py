@@ -45,6 +45,7 @@ from mow.envs import SUCCESS_SUITES, make_env
 from mow.envs.vector import VectorEnv
 from mow.models.actor_critic import MultiTaskActorCritic
 from mow.models.mow_world_model import MoWWorldModel
+from mow.models.row_groups import read_back
 from mow.runs import RunSpec, clusters_path, pretrain_path, state_path
 from mow.runtime import seed_everything
 from mow.train import Trainer
@@ -85,14 +86,18 @@ def cluster_major(tasks: torch.Tensor, cluster_of_task: torch.Tensor) -> torch.T
 def per_task_imagination_metrics(ac: MultiTaskActorCritic, imagination, task_ids: torch.Tensor, tasks) -> dict:
     """Policy entropy, mean imagined reward and return scale of each task in an imagination
     batch. The batch-wide means hide a task whose actor collapses onto a wrong action
-    while another task learns (seen on the sanity tasks with per-step random cues)."""
+    while another task learns (seen on the sanity tasks with per-step random cues).
+    Per-task means as sums over index_add, so that only the present tasks' list is read
+    from the device (one synchronisation, not one per task)."""
     entropy = ac.policy(imagination.states[:, :-1].float(), task_ids).entropy().mean(1)
     rewards = imagination.rewards.float().mean(1)
+    rows = torch.stack([torch.ones_like(entropy), entropy, rewards], dim=1)
+    sums = rows.new_zeros(len(tasks), 3).index_add_(0, task_ids, rows)
+    means = sums[:, 1:] / sums[:, :1].clamp(min=1.0)
     out = {}
-    for task in torch.unique(task_ids).tolist():
-        rows = task_ids == task
-        out[f"ac/entropy/{tasks[task]}"] = entropy[rows].mean()
-        out[f"imag/reward_mean/{tasks[task]}"] = rewards[rows].mean()
+    for task in torch.unique(read_back(task_ids)[0]).tolist():
+        out[f"ac/entropy/{tasks[task]}"] = means[task, 0]
+        out[f"imag/reward_mean/{tasks[task]}"] = means[task, 1]
         out[f"ac/scale/{tasks[task]}"] = ac.normalizers[task].scale()
     return out
 

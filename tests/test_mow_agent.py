@@ -125,8 +125,9 @@ def test_cluster_major_orders_rows_by_cluster_then_task_and_keeps_them():
     assert torch.equal(torch.sort(rows).values, torch.sort(mixed_task_rows(3, 64, 26)).values)
 
 
-def test_actor_critic_loss_does_not_depend_on_row_order():
-    """Rows in cluster order (slices) and shuffled (gathers): same loss, same per-task scales."""
+def test_actor_critic_loss_does_not_depend_on_row_order_or_batched_critics():
+    """Rows in cluster order (slices) and shuffled (gathers), critics per cluster or as one
+    ``ModuleBatch`` (the GPU path): same loss, critic gradients and per-task scales."""
     masks = torch.ones(4, 5, dtype=torch.bool)
     g = torch.Generator().manual_seed(1)
     task_ids = torch.tensor([0, 0, 2, 2, 1, 1, 3, 3, 3])  # clusters [0, 1, 0, 1] after set_clusters below
@@ -137,14 +138,21 @@ def test_actor_critic_loss_does_not_depend_on_row_order():
                        torch.randn(batch, horizon, generator=g) * 50, torch.zeros(batch, horizon))
     shuffle = torch.randperm(batch, generator=g)
     results = []
-    for rows in (torch.arange(batch), shuffle):
-        ac = _agent(masks, clusters=2)
-        ac.set_clusters([0, 1, 0, 1])
-        part = Imagination(*(t[rows] for t in (imag.states, imag.actions, imag.rewards, imag.terminations)))
-        loss, _ = ac.compute_loss(part, task_ids[rows])
-        results.append((loss, [float(n.scale()) for n in ac.normalizers]))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    assert results[0][1] == pytest.approx(results[1][1])
+    for batched in (False, True):
+        for rows in (torch.arange(batch), shuffle):
+            ac = _agent(masks, clusters=2)
+            ac.set_clusters([0, 1, 0, 1])
+            ac.batch_modules = batched
+            part = Imagination(*(t[rows] for t in (imag.states, imag.actions, imag.rewards, imag.terminations)))
+            loss, _ = ac.compute_loss(part, task_ids[rows])
+            loss.backward()
+            results.append((loss, [float(n.scale()) for n in ac.normalizers], [p.grad for p in ac.critics.parameters()]))
+    for loss, scales, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        assert scales == pytest.approx(results[0][1])
+        for grad, first in zip(grads, results[0][2]):
+            torch.testing.assert_close(grad, first, rtol=1e-4, atol=1e-6)
+    assert len(set(results[0][1])) > 1  # the tasks' scales differ: a mix-up would show
 
 
 def test_warmup_weights_are_copied_into_every_cluster():
@@ -186,3 +194,26 @@ def test_mow_params_table_matches_the_paper_size_within_5_percent():
     assert abs(mow - PAPER_MOW_MIB) / PAPER_MOW_MIB < 0.05
     assert abs(mib_fp32(totals["STORM x26 (minimal)"]) - 1977.5) / 1977.5 < 0.01
     assert "MoW (26 games)" in table.render().splitlines()[0]
+
+
+def test_each_row_is_scaled_by_its_own_tasks_normalizer(monkeypatch):
+    """The per-row return scale handed to the loss is the scale of that row's task after
+    its update, rows in any order (tasks with returns of very different spreads)."""
+    from mow.models import actor_critic
+
+    masks = torch.ones(3, 4, dtype=torch.bool)
+    ac = _agent(masks, clusters=2)
+    task_ids = torch.tensor([2, 0, 1, 2, 0, 2])
+    returns = torch.arange(6 * 3, dtype=torch.float32).view(6, 3) * (1 + 50 * (task_ids == 2)[:, None])
+    seen = {}
+
+    def capture(cfg, two_hot, policy, logits, slow_logits, imag, return_scale):
+        seen["scale"] = return_scale(returns)
+        return torch.zeros(()), {}
+
+    monkeypatch.setattr(actor_critic, "imagination_loss", capture)
+    imag = Imagination(torch.randn(6, 4, 6), torch.zeros(6, 3, dtype=torch.long), torch.zeros(6, 3), torch.zeros(6, 3))
+    ac.compute_loss(imag, task_ids)
+    expected = torch.stack([ac.normalizers[int(t)].scale() for t in task_ids])[:, None]
+    torch.testing.assert_close(seen["scale"], expected)
+    assert len(set(expected.flatten().tolist())) == 2  # task 2's spread lifts its scale above the floor of 1

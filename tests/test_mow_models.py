@@ -357,3 +357,99 @@ def test_prior_of_each_row_is_its_cluster_head_mixed_once_for_all(monkeypatch, t
         clusters = model.cluster_of_task[task_ids].tolist()
         expected = torch.cat([model.heads[c].prior(hidden[r:r + 1], embedding[r:r + 1]) for r, c in enumerate(clusters)])
     torch.testing.assert_close(sampled[0], expected)
+
+
+# ---------------------------------------------------------------------- experts as one batch
+@pytest.mark.parametrize("tasks", [[0, 1, 2, 2, 3, 0], [2, 0, 1, 3, 3, 1]])
+def test_batched_experts_match_the_per_expert_loop_with_and_without_the_kv_cache(tasks):
+    """``run_experts`` over a ``ModuleBatch`` (the GPU inference path) runs the same experts on the same rows: equal
+    outputs for a context pass, then single steps continuing the KV cache (TINY has 2
+    layers per expert), and for a pass without a cache; padding rows change nothing."""
+    model = make_model().eval()
+    _, actions, _, _, task_ids = random_batch(tasks, 8)
+    z = torch.randn(len(tasks), 8, TINY.world.latent_dim)
+    outputs = {}
+    with torch.no_grad():
+        embeddings = model.task_embedding()
+        embedding = embeddings[task_ids]
+        for batched in (False, True):
+            model.batch_modules = batched
+            plan = model._plan(task_ids, model.router(embeddings), embedding, model._batched(task_ids.device))
+            assert (plan.expert_batch is not None) == (plan.cluster_batch is not None) == batched
+            cache = model._new_cache(plan.routes, plan.expert_batch)
+            seq = [model._hidden(z[:, :5], actions[:, :5], embedding, plan.routes, cache, plan.expert_batch)]
+            for t in range(5, 8):
+                seq.append(model._hidden(z[:, t:t + 1], actions[:, t:t + 1], embedding, plan.routes, cache, plan.expert_batch))
+            outputs[batched] = torch.cat(seq, dim=1), model._hidden(z, actions, embedding, plan.routes, None, plan.expert_batch)
+    assert len({r.slots.size for r in plan.routes}) > 1  # experts with different row counts: padding used
+    for cached, uncached in zip(outputs[True], outputs[False]):
+        torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[True][0], outputs[True][1], rtol=1e-5, atol=1e-5)
+
+
+def test_module_batches_by_default_on_cuda_only_and_in_imagination_for_every_step(monkeypatch):
+    from mow.models import mow_world_model
+
+    model = make_model().eval()
+    assert model._batched(torch.device("cuda")) and not model._batched(torch.device("cpu"))
+    model.batch_modules = True
+    assert model._batched(torch.device("cpu"))
+    calls, run = [], mow_world_model.run_experts
+    monkeypatch.setattr(mow_world_model, "run_experts", lambda *args: calls.append(1) or run(*args))
+    obs, actions, _, _, task_ids = random_batch([0, 1, 2, 3], 4)
+    imag = model.imagine(lambda s: torch.zeros(len(s), dtype=torch.long), obs, actions, task_ids, 3)
+    assert len(calls) == 4 and torch.isfinite(imag.states).all()  # the context pass and 3 steps
+
+
+@pytest.mark.parametrize("tasks", [[0, 1, 2, 2, 3, 0], [2, 0, 1, 3, 3, 1]])
+def test_training_loss_and_gradients_equal_with_batched_cluster_heads(monkeypatch, tasks):
+    """The world-model update runs the cluster heads as one ``ModuleBatch`` on a GPU:
+    the same loss, metrics and gradients as the per-cluster loop (experts stay looped in
+    training: ``run_experts`` is not called)."""
+    from mow.models import mow_world_model
+
+    monkeypatch.setattr(mow_world_model, "run_experts", lambda *args: pytest.fail("experts batched in training"))
+    results = {}
+    for batched in (False, True):
+        model = make_model()
+        model.batch_modules = batched
+        torch.manual_seed(1)  # the same VAE samples and dropout masks
+        loss, metrics = model.compute_loss(*random_batch(tasks, 5))
+        loss.backward()
+        results[batched] = loss, metrics, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (loss0, metrics0, grads0), (loss1, metrics1, grads1) = results[False], results[True]
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-5)
+    assert metrics1.keys() == metrics0.keys() and grads1.keys() == grads0.keys()
+    for name in metrics0:
+        torch.testing.assert_close(metrics1[name], metrics0[name], rtol=1e-5, atol=1e-5)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6)
+    assert any(name.startswith("heads.") for name in grads0)
+
+
+@pytest.mark.parametrize("tasks", [[0, 1, 2, 2, 3, 0], [2, 0, 1, 3, 3, 1]])
+def test_batched_cluster_heads_match_the_per_cluster_loop(tasks):
+    """Prior (uniform mix included), reward and termination heads of every cluster in one
+    ``ModuleBatch`` call give each row its own cluster's outputs, in batch order, also when
+    a cluster's rows are not contiguous."""
+    from mow.numerics import unimix_logits
+
+    model = make_model().eval()
+    task_ids = torch.tensor(tasks)
+    hidden = torch.randn(len(tasks), 3, TINY.shared_d_model)
+    with torch.no_grad():
+        embeddings = model.task_embedding()
+        embedding = embeddings[task_ids]
+        plan = model._plan(task_ids, model.router(embeddings), embedding, batched=True)
+        assert len({g.size for g in plan.clusters}) > 1
+        for head in ("prior", "reward", "termination"):
+            batched = model._per_cluster(head, hidden, embedding, plan.clusters, plan.cluster_batch)
+            looped = model._per_cluster(head, hidden, embedding, plan.clusters)
+            for row, task in enumerate(tasks):  # and each row against its cluster's head alone
+                alone = getattr(model.heads[int(model.cluster_of_task[task])], head)(hidden[row], embedding[row])
+                torch.testing.assert_close(batched[row], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
+        raw = torch.stack([model.heads[int(model.cluster_of_task[t])].prior.raw_logits(hidden[r, 0], embedding[r])
+                           for r, t in enumerate(tasks)])
+        torch.testing.assert_close(model._per_cluster("prior", hidden[:, 0], embedding, plan.clusters, plan.cluster_batch),
+                                   unimix_logits(raw, TINY.world.unimix), rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from mow.numerics import (
     symexp,
     symlog,
     unimix_logits,
+    update_normalizers,
 )
 
 
@@ -199,3 +200,25 @@ def test_percentile_normalizer_two_updates_by_hand():
     restored = PercentileNormalizer()
     restored.load_state_dict(state)
     assert restored.scale().item() == pytest.approx(scale.item())
+
+
+def test_update_normalizers_equals_each_normalizer_updated_alone():
+    """Ragged rows padded with NaN: the joint update gives every normaliser the EMAs and
+    scale its own ``update`` gives on its row's values alone, and mixed settings are refused."""
+    torch.manual_seed(0)
+    values = [torch.randn(7) * 30, torch.randn(3) * 2, torch.randn(12) * 5 + 40]
+    alone = [PercentileNormalizer(decay=0.9) for _ in values]
+    joint = [PercentileNormalizer(decay=0.9) for _ in values]
+    padded = torch.full((3, 12), float("nan"))
+    for i, v in enumerate(values):
+        padded[i, : len(v)] = v
+    for _ in range(2):  # the second update folds into non-zero EMAs
+        expected = torch.stack([n.update(v) for n, v in zip(alone, values)])
+        scales = update_normalizers(joint, padded)
+        torch.testing.assert_close(scales, expected)
+        for a, j in zip(alone, joint):
+            torch.testing.assert_close(j.low, a.low)
+            torch.testing.assert_close(j.high, a.high)
+    assert float(expected[1]) == 1.0 and float(expected[2]) > 1.0  # floored, and a real spread
+    with pytest.raises(ValueError, match="one decay"):
+        update_normalizers([PercentileNormalizer(decay=0.9), PercentileNormalizer(decay=0.99)], padded[:2])

@@ -256,3 +256,58 @@ def test_the_storm_trainer_updates_through_the_compiled_loss_only_when_asked(tmp
         compiled = getattr(trainer.wm_loss, "_torchdynamo_orig_callable", None)
         assert (compiled == trainer.wm.compute_loss) if flag else (trainer.wm_loss == trainer.wm.compute_loss)
         trainer.envs.close()
+
+
+@pytest.mark.parametrize("order", ["cluster_major", "mixed"])
+def test_mow_steps_read_device_values_only_through_one_read_back(monkeypatch, order):
+    """On a GPU each read of device values (``.tolist()``, ``nonzero``, ``unique``, ``.item()``,
+    boolean indexing) makes the host wait for the device, and MoW on a GPU is bound by kernel
+    launches that such waits stall. Its grouping reads task ids, clusters and routing once per
+    pass through ``row_groups.read_back``. On the meta device every other such read raises, so
+    running the world-model loss and its backward, an imagination, the actor-critic loss and
+    the per-task metrics there shows each pass reads the device exactly once (``read_back`` is
+    given the values a CPU twin of the model holds)."""
+    from test_mow_models import NUM_ACTIONS, TINY as MOW_TINY, make_model, random_batch
+
+    from mow.models import actor_critic, module_batch, mow_world_model, row_groups
+    from mow.models.actor_critic import AgentConfig, MultiTaskActorCritic
+    from mow.train_mow import per_task_imagination_metrics
+    import mow.train_mow as train_mow
+
+    tasks = [0, 1, 2, 2, 3, 0] if order == "cluster_major" else [2, 0, 1, 2, 3, 0]
+    model = make_model()  # clusters [0, 1, 1, 2]: cluster-major order keeps each run contiguous
+    torch.manual_seed(0)
+    ac = MultiTaskActorCritic(AgentConfig(hidden=16, layers=1, value_bins=15), MOW_TINY.state_dim, NUM_ACTIONS,
+                              action_masks=torch.ones(4, NUM_ACTIONS, dtype=torch.bool), num_clusters=3)
+    ac.set_clusters([0, 1, 1, 2])
+    host = {(len(tasks),): torch.tensor(tasks), (4,): model.cluster_of_task.clone(),
+            tuple(model.routing().indices.shape): model.routing().indices.clone()}
+    assert len(host) == 3  # the three values are told apart by shape
+    reads = []
+
+    def read_back(*tensors):
+        assert all(t.device.type == "meta" for t in tensors)
+        reads.append(len(tensors))
+        return [host[tuple(t.shape)] for t in tensors]
+
+    def to_device(tensors, device):
+        return [t.to(device) for t in tensors]
+
+    for module in (mow_world_model, actor_critic, train_mow):
+        monkeypatch.setattr(module, "read_back", read_back)
+    for module in (mow_world_model, row_groups, module_batch):
+        monkeypatch.setattr(module, "to_device", to_device)
+    model, ac = model.to("meta"), ac.to("meta")
+    obs, actions, rewards, terminations, task_ids = (t.to("meta") for t in random_batch(tasks, 5))
+
+    loss, _ = model.compute_loss(obs, actions, rewards, terminations, task_ids)
+    loss.backward()
+    assert reads == [3]
+    imagination = model.imagine(lambda s: ac.act(s, task_ids), obs[:, :3], actions[:, :3], task_ids, 4)
+    assert reads == [3, 3]
+    ac_loss, _ = ac.compute_loss(imagination, task_ids)
+    ac_loss.backward()
+    ac.update_slow_critic()
+    assert reads == [3, 3, 2]
+    metrics = per_task_imagination_metrics(ac, imagination, task_ids, ["a", "b", "c", "d"])
+    assert reads == [3, 3, 2, 1] and len(metrics) == 12

@@ -31,9 +31,10 @@ from torch.distributions import Categorical
 
 from mow.models.continuous import TanhGaussian, TanhGaussianHead
 from mow.models.heads import mlp_trunk
-from mow.models.row_groups import assemble, group_rows
+from mow.models.module_batch import ModuleBatch, use_module_batches
+from mow.models.row_groups import RowGroup, assemble, group_rows, host_rows, read_back
 from mow.models.world_model import Imagination
-from mow.numerics import LAMBDA_FORMS, PercentileNormalizer, TwoHot, lambda_return
+from mow.numerics import LAMBDA_FORMS, PercentileNormalizer, TwoHot, lambda_return, update_normalizers
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,13 @@ def sample_actions(dist: Categorical) -> torch.Tensor:
         if not bool(bad.any()):
             raise
         raise NonFiniteOutput("actor/logits", bad.nonzero().flatten().tolist()) from None
+
+
+@torch.no_grad()
+def ema_(slow: nn.Module, fast: nn.Module, weight: float) -> None:
+    """slow <- slow + weight * (fast - slow) for every parameter, as one multi-tensor
+    operation (one kernel for all of MoW's cluster critics instead of one per tensor)."""
+    torch._foreach_lerp_(list(slow.parameters()), list(fast.parameters()), weight)
 
 
 def mask_logits(logits: torch.Tensor, action_mask: torch.Tensor | None) -> torch.Tensor:
@@ -171,9 +179,8 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
-        """slow <- decay * slow + (1 - decay) * critic, parameter by parameter."""
-        for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
-            slow.lerp_(fast, 1.0 - self.cfg.slow_critic_decay)
+        """slow <- decay * slow + (1 - decay) * critic."""
+        ema_(self.slow_critic, self.critic, 1.0 - self.cfg.slow_critic_decay)
 
 
 def imagination_loss(
@@ -243,6 +250,9 @@ class MultiTaskActorCritic(nn.Module):
     action_masks: torch.Tensor | None
     cluster_of_task: torch.Tensor
 
+    #: run the cluster critics as one ModuleBatch; None: on CUDA (``use_module_batches``)
+    batch_modules: bool | None = None
+
     def __init__(
         self,
         cfg: AgentConfig,
@@ -309,29 +319,47 @@ class MultiTaskActorCritic(nn.Module):
     def act(self, state: torch.Tensor, task_ids: torch.Tensor, greedy: bool = False) -> torch.Tensor:
         return _act(self.policy(state, task_ids), greedy)
 
-    def _by_cluster(self, modules: nn.ModuleList, states: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        groups = group_rows(self.cluster_of_task[task_ids])
-        return assemble([modules[g.key](states[g.rows]).to(states.dtype) for g in groups], groups)
+    @staticmethod
+    def _by_cluster(
+        modules: nn.ModuleList, name: str, states: torch.Tensor, groups: list[RowGroup], batch: ModuleBatch | None
+    ) -> torch.Tensor:
+        """Each cluster's module (critic or slow critic: ``name``) on its rows, in batch order."""
+        if batch is None:
+            return assemble([modules[g.key](states[g.rows]).to(states.dtype) for g in groups], groups)
+        out = batch.unpad(batch.vmap(name, modules, lambda call, x: call(x), batch.rows(states))).to(states.dtype)
+        return assemble(list(out.split([g.size for g in groups])), groups)
 
     def compute_loss(
         self, imag: Imagination, task_ids: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The STORM loss with cluster critics, the shared masked actor and per-task scales."""
+        """The STORM loss with cluster critics, the shared masked actor and per-task scales.
+        The critics run as one :class:`ModuleBatch` on a GPU (``use_module_batches``), and
+        the per-task normalisers update together (:func:`update_normalizers`)."""
         states = imag.states.float()
+        device = task_ids.device
+        tasks, clusters = read_back(task_ids, self.cluster_of_task)  # the one host read
+        keys = clusters[tasks]
+        cluster_groups = group_rows(keys, device)
+        task_groups = group_rows(tasks, device)
+        batch = None
+        if use_module_batches(self.batch_modules, device):
+            batch = ModuleBatch.of([g.key for g in cluster_groups], host_rows(keys, cluster_groups), device)
+        by_task = ModuleBatch.of([g.key for g in task_groups], host_rows(tasks, task_groups), device)
         with torch.no_grad():
-            slow_logits = self._by_cluster(self.slow_critics, states, task_ids)
+            slow_logits = self._by_cluster(self.slow_critics, "slow_critics", states, cluster_groups, batch)
 
         def per_task_scale(returns: torch.Tensor) -> torch.Tensor:
-            groups = group_rows(task_ids)
-            scales = [self.normalizers[g.key].update(returns[g.rows]).expand(g.size, 1) for g in groups]
-            return assemble(scales, groups)
+            padded = by_task.rows(returns.detach().float()).flatten(1)  # [tasks, R, H] -> [tasks, R * H]
+            padded = padded.masked_fill(~by_task.mask().repeat_interleave(returns.shape[1], dim=1), float("nan"))
+            scales = update_normalizers([self.normalizers[k] for k in by_task.keys], padded)
+            rows = by_task.unpad(scales[:, None].expand(by_task.index.shape))  # each row its task's scale
+            return assemble(list(rows.split([g.size for g in task_groups])), task_groups)[:, None]
 
         return imagination_loss(
             self.cfg, self.two_hot, self.policy(states[:, :-1], task_ids),
-            self._by_cluster(self.critics, states, task_ids), slow_logits, imag, per_task_scale,
+            self._by_cluster(self.critics, "critics", states, cluster_groups, batch), slow_logits, imag, per_task_scale,
         )
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:
-        for slow, fast in zip(self.slow_critics.parameters(), self.critics.parameters()):
-            slow.lerp_(fast, 1.0 - self.cfg.slow_critic_decay)
+        ema_(self.slow_critics, self.critics, 1.0 - self.cfg.slow_critic_decay)

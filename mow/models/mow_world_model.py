@@ -34,8 +34,9 @@ from torch import nn
 
 from mow.models.heads import DistHead, RewardHead, TerminationHead, concat_condition, mlp_trunk
 from mow.models.multitask_losses import balance_loss, harmonious_loss
+from mow.models.module_batch import ModuleBatch, run_experts, use_module_batches
 from mow.models.router import Routing, TaskEmbedding, TaskRouter
-from mow.models.row_groups import RowGroup, assemble, group_rows
+from mow.models.row_groups import RowGroup, assemble, group_rows, host_rows, read_back, to_device
 from mow.models.transformer import CausalTransformer, KVCache, TokenMixer
 from mow.models.vae import CategoricalVAE, images_to_float
 from mow.models.world_model import Imagination, Policy, WorldModelConfig, eval_mode
@@ -146,10 +147,12 @@ class ClusterHeads(nn.Module):
 
 @dataclass
 class MoWCache:
-    """KV caches of the experts in use (keyed by expert index) and of the shared Transformer."""
+    """KV caches of the experts in use (keyed by expert index; or one ``batch`` cache over a
+    :class:`ModuleBatch`'s padded rows) and of the shared Transformer."""
 
     experts: dict[int, KVCache]
     shared: KVCache | None
+    batch: KVCache | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,19 @@ class ExpertRoute:
     slots: RowGroup
 
 
+@dataclass
+class RowPlan:
+    """How a batch's rows split: per VAE/head cluster, per expert, and the tasks present
+    (ascending, on the host and as an index tensor on the batch's device)."""
+
+    clusters: list[RowGroup]
+    routes: list[ExpertRoute]
+    present: list[int]
+    present_index: torch.Tensor
+    expert_batch: ModuleBatch | None = None   # the routes' experts, batched (inference on CUDA)
+    cluster_batch: ModuleBatch | None = None  # the clusters' heads, likewise
+
+
 class MoWWorldModel(nn.Module):
     """MoW world model over ``cfg.num_tasks`` tasks sharing ``num_actions`` discrete actions
     (or, with ``continuous``, action vectors of that dimension: Meta-World)."""
@@ -173,6 +189,8 @@ class MoWWorldModel(nn.Module):
     #: train.compile leaves this loss eager: its per-cluster row groups are data-dependent
     #: shapes (runtime.MOW_EAGER_NOTE)
     compilable = False
+    #: run cluster heads (and, in inference, experts) as ModuleBatches; None: on CUDA (``_batched``)
+    batch_modules: bool | None = None
 
     cluster_of_task: torch.Tensor
 
@@ -265,35 +283,73 @@ class MoWWorldModel(nn.Module):
         return self.router(self.task_embedding())
 
     # ------------------------------------------------------------------ grouping
+    def _plan(
+        self,
+        task_ids: torch.Tensor,
+        routing: Routing | None,
+        embedding: torch.Tensor | None = None,
+        batched: bool = False,
+    ) -> RowPlan:
+        """Cluster groups, expert routes (with ``routing`` and the rows' task embeddings
+        ``embedding``) and present tasks of a batch of tasks ``task_ids`` ``[B]``, from one
+        read of the device's values (:func:`read_back`); with ``batched``, the clusters and
+        the routes' experts also as ModuleBatches."""
+        with_routes = routing is not None and self.experts is not None
+        host = read_back(task_ids, self.cluster_of_task, *([routing.indices] if with_routes else []))
+        tasks, clusters = host[0], host[1]
+        device = task_ids.device
+        keys = clusters[tasks]
+        groups = group_rows(keys, device)
+        experts, picked = [], []
+        if with_routes:
+            indices = host[2][tasks]  # [B, top_k]
+            experts = torch.unique(indices).tolist()
+            picked = [(indices == expert).nonzero(as_tuple=True) for expert in experts]
+        uploads = [torch.unique(tasks)]
+        uploads += [t for rows, slots in picked for t in (rows, slots, rows * self.cfg.top_k + slots)]
+        on_device = to_device(uploads, device)
+        routes = []
+        for i, expert in enumerate(experts):
+            rows, slots, positions = on_device[1 + 3 * i: 4 + 3 * i]
+            assert routing is not None and embedding is not None
+            routes.append(ExpertRoute(expert, rows, embedding[rows], routing.weights[task_ids[rows], slots],
+                                      RowGroup(expert, positions, len(rows))))
+        plan = RowPlan(groups, routes, uploads[0].tolist(), on_device[0])
+        if batched:
+            plan.cluster_batch = ModuleBatch.of([g.key for g in groups], host_rows(keys, groups), device)
+            plan.expert_batch = ModuleBatch.of(experts, [rows for rows, _ in picked], device) if experts else None
+        return plan
+
     def _cluster_groups(self, task_ids: torch.Tensor) -> list[RowGroup]:
-        return group_rows(self.cluster_of_task[task_ids])
+        return self._plan(task_ids, None).clusters
 
     def _expert_routes(
         self, task_ids: torch.Tensor, routing: Routing, embedding: torch.Tensor
     ) -> list[ExpertRoute]:
         """Routes of the rows of tasks ``task_ids`` ``[B]`` whose embeddings are ``embedding``."""
-        if self.experts is None:
-            return []
-        indices, weights = routing.indices[task_ids], routing.weights[task_ids]
-        routes = []
-        for expert in torch.unique(indices).tolist():
-            rows, slots = (indices == expert).nonzero(as_tuple=True)
-            positions = RowGroup(expert, rows * self.cfg.top_k + slots, len(rows))
-            routes.append(ExpertRoute(expert, rows, embedding[rows], weights[rows, slots], positions))
-        return routes
+        return self._plan(task_ids, routing, embedding).routes
 
     def new_cache(self, task_ids: torch.Tensor) -> MoWCache:
         """Empty KV caches for the experts that the tasks in ``task_ids`` select."""
         embeddings = self.task_embedding()
-        routes = self._expert_routes(task_ids, self.router(embeddings), embeddings[task_ids])
-        return self._new_cache(routes)
+        return self._new_cache(self._expert_routes(task_ids, self.router(embeddings), embeddings[task_ids]))
 
-    def _new_cache(self, routes: list[ExpertRoute]) -> MoWCache:
+    def _new_cache(self, routes: list[ExpertRoute], expert_batch: ModuleBatch | None = None) -> MoWCache:
         assert self.experts is not None or not routes
+        shared = self.shared.new_cache() if self.shared is not None else None
+        if expert_batch is not None:
+            return MoWCache({}, shared, KVCache(self.cfg.expert_layers, self.cfg.world.max_len))
         return MoWCache(
             {r.expert: self.experts[r.expert].transformer.new_cache() for r in routes},  # type: ignore[index]
-            self.shared.new_cache() if self.shared is not None else None,
+            shared,
         )
+
+    def _batched(self, device: torch.device) -> bool:
+        """Whether a pass runs modules as ModuleBatches (``use_module_batches``):
+        the cluster heads in every pass; the experts in no-grad eval passes only
+        (imagination, acting): in training, their dropout and attention under ``vmap`` have
+        not been measured on a GPU."""
+        return use_module_batches(self.batch_modules, device)
 
     # ------------------------------------------------------------------ sequence model
     def _hidden(
@@ -303,6 +359,7 @@ class MoWWorldModel(nn.Module):
         embedding: torch.Tensor,
         routes: list[ExpertRoute],
         cache: MoWCache | None = None,
+        expert_batch: ModuleBatch | None = None,
     ) -> torch.Tensor:
         if self.experts is None:
             assert self.input_mixer is not None
@@ -311,12 +368,17 @@ class MoWWorldModel(nn.Module):
             assert self.shared_input is not None
             batch, steps = actions.shape[:2]
             top_k, width = self.cfg.top_k, self.cfg.expert_d_model
-            parts = []
-            for route in routes:
-                rows = route.rows
-                expert_cache = cache.experts[route.expert] if cache is not None else None
-                out = self.experts[route.expert](z[rows], actions[rows], route.embedding, expert_cache)
-                parts.append(out * route.weights.to(out.dtype)[:, None, None])
+            if expert_batch is not None:
+                out = run_experts(expert_batch, self.experts, z, actions, embedding, cache.batch if cache is not None else None)
+                weights = torch.cat([route.weights for route in routes]).to(out.dtype)
+                parts = list((out * weights[:, None, None]).split([route.slots.size for route in routes]))
+            else:
+                parts = []
+                for route in routes:
+                    rows = route.rows
+                    expert_cache = cache.experts[route.expert] if cache is not None else None
+                    out = self.experts[route.expert](z[rows], actions[rows], route.embedding, expert_cache)
+                    parts.append(out * route.weights.to(out.dtype)[:, None, None])
             features = assemble(parts, [route.slots for route in routes])
             features = features.view(batch, top_k, steps, width)
             features = features.transpose(1, 2).reshape(batch, steps, top_k * width)
@@ -371,49 +433,39 @@ class MoWWorldModel(nn.Module):
         embeddings = self.task_embedding()
         routing = self.router(embeddings)
         embedding = embeddings[task_ids]  # [B, E]
-        groups = self._cluster_groups(task_ids)
+        plan = self._plan(task_ids, routing, embedding, self._batched(task_ids.device))
+        groups, heads = plan.clusters, plan.cluster_batch
 
-        # Perception, per VAE cluster.
-        posteriors, latents, rec_errors = [], [], []
-        for group in groups:
-            vae, rows = self.vaes[group.key], group.rows
-            images = images_to_float(obs[rows].flatten(0, 1))  # also the target
-            cond = embedding[rows].repeat_interleave(steps, dim=0)
-            posterior = vae.encode_images(images, cond)
-            z = vae.sample(posterior)
-            reconstruction = vae.decode(z, cond)
-            error = (reconstruction.float() - images).square().sum(dim=(1, 2, 3))
-            posteriors.append(posterior.view(group.size, steps, *posterior.shape[1:]))
-            latents.append(z.view(group.size, steps, -1))
-            rec_errors.append(error.view(group.size, steps).mean(1))
-        posterior = assemble(posteriors, groups)  # [B, T, stoch, classes]
-        z = assemble(latents, groups)
-        rec = assemble(rec_errors, groups)  # [B]
+        # Perception: each cluster's VAE on its rows; sampling and errors once over all rows
+        # (the same functions for every cluster: one operator each instead of one per cluster).
+        frames = images_to_float(obs.flatten(0, 1)).unflatten(0, (batch, steps))  # also the target
+        conds = [embedding[g.rows].repeat_interleave(steps, dim=0) for g in groups]
+        posterior = assemble(  # [B, T, stoch, classes]
+            [self.vaes[g.key].encode_images(frames[g.rows].flatten(0, 1), cond).unflatten(0, (g.size, steps))
+             for g, cond in zip(groups, conds)],
+            groups,
+        )
+        z = CategoricalVAE.sample(posterior.flatten(0, 1)).unflatten(0, (batch, steps))
+        reconstruction = assemble(
+            [self.vaes[g.key].decode(z[g.rows].flatten(0, 1), cond).unflatten(0, (g.size, steps))
+             for g, cond in zip(groups, conds)],
+            groups,
+        )
+        rec = (reconstruction.float() - frames).square().sum(dim=(2, 3, 4)).mean(1)  # [B]
 
-        hidden = self._hidden(z, actions, embedding, self._expert_routes(task_ids, routing, embedding))
+        hidden = self._hidden(z, actions, embedding, plan.routes)
 
-        # Cluster heads; per-sequence losses.
-        posterior_next = posterior[:, 1:]
-        reward_parts, term_parts, dyn_parts, rep_parts = [], [], [], []
-        for group in groups:
-            rows = group.rows
-            heads, h, cond = self.heads[group.key], hidden[rows], embedding[rows]
-            log_probs = F.log_softmax(heads.reward(h, cond).float(), dim=-1)
-            reward_parts.append(-(self.two_hot.encode(rewards[rows]) * log_probs).sum(-1).mean(1))
-            term_logits = heads.termination(h, cond).float()
-            term_parts.append(
-                F.binary_cross_entropy_with_logits(
-                    term_logits, terminations[rows].to(term_logits.dtype), reduction="none"
-                ).mean(1)
-            )
-            prior = heads.prior(h[:, :-1], cond)
-            target = posterior_next[rows]
-            dyn_parts.append(categorical_kl(target.detach(), prior).mean(1))
-            rep_parts.append(categorical_kl(target, prior.detach()).mean(1))
-        reward = assemble(reward_parts, groups)
-        termination = assemble(term_parts, groups)
-        dyn_kl = assemble(dyn_parts, groups)
-        rep_kl = assemble(rep_parts, groups)
+        # Cluster heads, then per-sequence losses over all rows at once.
+        log_probs = F.log_softmax(self._per_cluster("reward", hidden, embedding, groups, heads).float(), dim=-1)
+        reward = -(self.two_hot.encode(rewards) * log_probs).sum(-1).mean(1)
+        term_logits = self._per_cluster("termination", hidden, embedding, groups, heads).float()
+        termination = F.binary_cross_entropy_with_logits(
+            term_logits, terminations.to(term_logits.dtype), reduction="none"
+        ).mean(1)
+        prior = self._per_cluster("prior", hidden[:, :-1], embedding, groups, heads)
+        target = posterior[:, 1:]
+        dyn_kl = categorical_kl(target.detach(), prior).mean(1)
+        rep_kl = categorical_kl(target, prior.detach()).mean(1)
 
         task_logits = self.task_head(hidden).float()  # [B, T, K]
         task_ce = F.cross_entropy(
@@ -443,7 +495,7 @@ class MoWWorldModel(nn.Module):
         )
         terms["total"] = task_total
 
-        present = torch.unique(task_ids)
+        present = plan.present_index
         harmonious = harmonious_loss(task_total[present], self.log_sigma[present])
         balance = (
             balance_loss(routing.dense, cfg.top_k) if self.experts is not None else harmonious.new_zeros(())
@@ -459,7 +511,7 @@ class MoWWorldModel(nn.Module):
         sigma = self.log_sigma.detach().exp()
         for task in range(cfg.num_tasks):
             metrics[f"wm/sigma/task{task}"] = sigma[task]
-        for task in present.tolist():
+        for task in plan.present:
             for name, values in terms.items():
                 metrics[f"wm/{name}/task{task}"] = values[task]
         return total, {name: value.detach() for name, value in metrics.items()}
@@ -477,24 +529,34 @@ class MoWWorldModel(nn.Module):
             parts.append(posterior.view(group.size, steps, *posterior.shape[1:]))
         return CategoricalVAE.sample(assemble(parts, groups))  # one sampling pass for all clusters
 
+    def _per_cluster(
+        self, head: str, x: torch.Tensor, embedding: torch.Tensor, groups: list[RowGroup],
+        cluster_batch: ModuleBatch | None = None,
+    ) -> torch.Tensor:
+        """Each cluster's ``head`` (``prior``: unimixed logits, ``reward``, ``termination``)
+        on its rows of ``x`` ``[B, ...]``, in batch order: one call per cluster, or one for
+        all of them (``cluster_batch``). Looped, the prior's uniform mix, the same
+        elementwise function for every cluster, runs once over all rows."""
+        if cluster_batch is not None:
+            out = cluster_batch.vmap(head, [getattr(h, head) for h in self.heads], lambda call, x, e: call(x, e),
+                                     cluster_batch.rows(x), cluster_batch.rows(embedding))
+            return assemble(list(cluster_batch.unpad(out).split([g.size for g in groups])), groups)
+        if head == "prior":
+            raw = assemble([self.heads[g.key].prior.raw_logits(x[g.rows], embedding[g.rows]) for g in groups], groups)
+            return unimix_logits(raw, self.cfg.world.unimix)
+        return assemble([getattr(self.heads[g.key], head)(x[g.rows], embedding[g.rows]) for g in groups], groups)
+
     def _prior_state(
         self,
         hidden: torch.Tensor,
         embedding: torch.Tensor,
         groups: list[RowGroup],
+        cluster_batch: ModuleBatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample ẑ ~ prior_{i_k}(h, e_k); return (ẑ, agent state [ẑ, h]) in float32.
-
-        Only the heads' linear maps run per cluster; the uniform mix and the sample, the
-        same elementwise functions for every cluster, run once over all rows (imagination
-        calls this at every step, so each per-cluster operator is one more GPU kernel launch
-        per step and cluster)."""
-        heads = [self.heads[g.key].prior for g in groups]
-        logits = assemble(
-            [head.raw_logits(hidden[g.rows], embedding[g.rows]) for head, g in zip(heads, groups)],
-            groups,
-        )
-        z = CategoricalVAE.sample(unimix_logits(logits, self.cfg.world.unimix))
+        """Sample ẑ ~ prior_{i_k}(h, e_k); return (ẑ, agent state [ẑ, h]) in float32. The
+        sample runs once over all rows (imagination calls this at every step, and each
+        per-cluster operator is one more GPU kernel launch per step and cluster)."""
+        z = CategoricalVAE.sample(self._per_cluster("prior", hidden, embedding, groups, cluster_batch))
         return z, torch.cat([z, hidden.float()], dim=-1)
 
     def _start(
@@ -502,12 +564,11 @@ class MoWWorldModel(nn.Module):
     ):
         embeddings = self.task_embedding()
         embedding = embeddings[task_ids]
-        routes = self._expert_routes(task_ids, self.router(embeddings), embedding)
-        groups = self._cluster_groups(task_ids)
-        cache = self._new_cache(routes) if with_cache else None
-        z = self._encode_context(obs_ctx, embedding, groups)
-        hidden = self._hidden(z, act_ctx, embedding, routes, cache)[:, -1]
-        return hidden, embedding, routes, groups, cache
+        plan = self._plan(task_ids, self.router(embeddings), embedding, self._batched(task_ids.device))
+        cache = self._new_cache(plan.routes, plan.expert_batch) if with_cache else None
+        z = self._encode_context(obs_ctx, embedding, plan.clusters)
+        hidden = self._hidden(z, act_ctx, embedding, plan.routes, cache, plan.expert_batch)[:, -1]
+        return hidden, embedding, plan, cache
 
     @torch.no_grad()
     def posterior_sample(self, obs: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
@@ -525,8 +586,8 @@ class MoWWorldModel(nn.Module):
         (frame, action) pairs of each sequence (uint8 ``[B, L, H, W, C]``, long ``[B, L]``)
         of task ``task_ids`` ``[B]``; eval mode, like STORM's ``act_state``."""
         with eval_mode(self):
-            hidden, embedding, _, groups, _ = self._start(obs_ctx, act_ctx, task_ids, False)
-            return self._prior_state(hidden, embedding, groups)[1]
+            hidden, embedding, plan, _ = self._start(obs_ctx, act_ctx, task_ids, False)
+            return self._prior_state(hidden, embedding, plan.clusters, plan.cluster_batch)[1]
 
     @torch.no_grad()
     def imagine(
@@ -547,29 +608,22 @@ class MoWWorldModel(nn.Module):
         """
         batch = act_ctx.shape[0]
         with eval_mode(self):
-            hidden, embedding, routes, groups, cache = self._start(
-                obs_ctx, act_ctx, task_ids, True
-            )
+            hidden, embedding, plan, cache = self._start(obs_ctx, act_ctx, task_ids, True)
+            groups, cluster_batch = plan.clusters, plan.cluster_batch
             states = torch.empty(batch, horizon + 1, self.state_dim, device=hidden.device)
             actions, hiddens = [], []  # actions: [B] long or [B, A] float per step
             for step in range(horizon):
-                z, state = self._prior_state(hidden, embedding, groups)
+                z, state = self._prior_state(hidden, embedding, groups, cluster_batch)
                 states[:, step] = state
                 actions.append(policy(state))
                 hidden = self._hidden(
-                    z.unsqueeze(1), actions[-1].unsqueeze(1), embedding, routes, cache
+                    z.unsqueeze(1), actions[-1].unsqueeze(1), embedding, plan.routes, cache, plan.expert_batch
                 )[:, 0]
                 hiddens.append(hidden)
-            states[:, horizon] = self._prior_state(hidden, embedding, groups)[1]
+            states[:, horizon] = self._prior_state(hidden, embedding, groups, cluster_batch)[1]
             imagined = torch.stack(hiddens, dim=1)
-            reward_logits = assemble(
-                [self.heads[g.key].reward(imagined[g.rows], embedding[g.rows]) for g in groups],
-                groups,
-            )
-            termination_logits = assemble(
-                [self.heads[g.key].termination(imagined[g.rows], embedding[g.rows]) for g in groups],
-                groups,
-            )
+            reward_logits = self._per_cluster("reward", imagined, embedding, groups, cluster_batch)
+            termination_logits = self._per_cluster("termination", imagined, embedding, groups, cluster_batch)
             rewards = self.two_hot.decode(reward_logits)
             terminations = (termination_logits > 0).float()
         return Imagination(states, torch.stack(actions, dim=1), rewards, terminations)
