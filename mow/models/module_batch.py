@@ -1,14 +1,14 @@
 """Modules of one architecture, each run on its own rows of a batch, as one batched call.
 
-MoW runs every expert on the rows of the tasks routed to it, and every cluster's heads on
-that cluster's rows. In imagination that happens at every imagined step: with 7 experts
-and 13 clusters in use, ~250 operators per step, and on a GPU MoW's step is bound by
-kernel launches, not arithmetic (README, Speed). :class:`ModuleBatch` stacks the modules'
-weights (once per rollout) and runs the same module code over the stack with
-``torch.func.vmap`` + ``functional_call``, so each operator launches once for all of them.
-Rows are padded to the largest group (padding repeats a real row; its outputs are
-dropped): FLOPs that a GPU has to spare and a CPU does not, so the world model takes this
-path on CUDA only (``MoWWorldModel._batched``) and loops on CPU.
+MoW runs every expert on the rows of the tasks routed to it, and every cluster's heads and
+critic on that cluster's rows; in imagination at every imagined step (with 7 experts and
+13 clusters in use, ~250 operators per step). On a GPU MoW's step is bound by kernel
+launches, not arithmetic (README, Speed). :class:`ModuleBatch` stacks the modules' weights
+and runs the same module code over the stack with ``torch.func.vmap`` +
+``functional_call``, so each operator launches once for all of them. Rows are padded to
+the largest group (padding repeats a real row; its outputs are dropped): FLOPs that a GPU
+has to spare and a CPU does not, so the models take this path on CUDA only
+(:func:`use_module_batches`) and loop on CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from mow.models.transformer import KVCache
 
 
 def use_module_batches(override: bool | None, device: torch.device) -> bool:
-    """Whether a model runs its per-group modules as :class:`ModuleBatch` es: ``override``
+    """Whether a model runs its per-group modules as ModuleBatches: ``override``
     when set, else on CUDA (launch-bound) and not on CPU (FLOP-bound: the padding costs)."""
     return device.type == "cuda" if override is None else override
 
