@@ -258,15 +258,17 @@ def test_the_storm_trainer_updates_through_the_compiled_loss_only_when_asked(tmp
         trainer.envs.close()
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["looped", "module_batches"])
 @pytest.mark.parametrize("order", ["cluster_major", "mixed"])
-def test_mow_steps_read_device_values_only_through_one_read_back(monkeypatch, order):
+def test_mow_steps_read_device_values_only_through_one_read_back(monkeypatch, order, batched):
     """On a GPU each read of device values (``.tolist()``, ``nonzero``, ``unique``, ``.item()``,
     boolean indexing) makes the host wait for the device, and MoW on a GPU is bound by kernel
     launches that such waits stall. Its grouping reads task ids, clusters and routing once per
     pass through ``row_groups.read_back``. On the meta device every other such read raises, so
     running the world-model loss and its backward, an imagination, the actor-critic loss and
     the per-task metrics there shows each pass reads the device exactly once (``read_back`` is
-    given the values a CPU twin of the model holds)."""
+    given the values a CPU twin of the model holds). Both paths: per-group loops (CPU) and
+    ``ModuleBatch`` es (CUDA)."""
     from test_mow_models import NUM_ACTIONS, TINY as MOW_TINY, make_model, random_batch
 
     from mow.models import actor_critic, module_batch, mow_world_model, row_groups
@@ -280,6 +282,7 @@ def test_mow_steps_read_device_values_only_through_one_read_back(monkeypatch, or
     ac = MultiTaskActorCritic(AgentConfig(hidden=16, layers=1, value_bins=15), MOW_TINY.state_dim, NUM_ACTIONS,
                               action_masks=torch.ones(4, NUM_ACTIONS, dtype=torch.bool), num_clusters=3)
     ac.set_clusters([0, 1, 1, 2])
+    model.batch_modules = ac.batch_modules = batched
     host = {(len(tasks),): torch.tensor(tasks), (4,): model.cluster_of_task.clone(),
             tuple(model.routing().indices.shape): model.routing().indices.clone()}
     assert len(host) == 3  # the three values are told apart by shape
