@@ -268,7 +268,7 @@ def test_mow_steps_read_device_values_only_through_one_read_back(monkeypatch, or
     running the world-model loss and its backward, an imagination, the actor-critic loss and
     the per-task metrics there shows each pass reads the device exactly once (``read_back`` is
     given the values a CPU twin of the model holds). Both paths: per-group loops (CPU) and
-    ``ModuleBatch`` es (CUDA)."""
+    ModuleBatches (CUDA)."""
     from test_mow_models import NUM_ACTIONS, TINY as MOW_TINY, make_model, random_batch
 
     from mow.models import actor_critic, module_batch, mow_world_model, row_groups
