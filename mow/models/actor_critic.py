@@ -326,8 +326,8 @@ class MultiTaskActorCritic(nn.Module):
         """Each cluster's module (critic or slow critic: ``name``) on its rows, in batch order."""
         if batch is None:
             return assemble([modules[g.key](states[g.rows]).to(states.dtype) for g in groups], groups)
-        out = batch.unpad(batch.vmap(name, modules, lambda call, x: call(x), batch.rows(states))).to(states.dtype)
-        return assemble(list(out.split([g.size for g in groups])), groups)
+        out = batch.vmap(name, modules, lambda call, x: call(x), batch.rows(states))
+        return batch.in_batch_order(out, groups).to(states.dtype)
 
     def compute_loss(
         self, imag: Imagination, task_ids: torch.Tensor
@@ -352,8 +352,8 @@ class MultiTaskActorCritic(nn.Module):
             padded = by_task.rows(returns.detach().float()).flatten(1)  # [tasks, R, H] -> [tasks, R * H]
             padded = padded.masked_fill(~by_task.mask().repeat_interleave(returns.shape[1], dim=1), float("nan"))
             scales = update_normalizers([self.normalizers[k] for k in by_task.keys], padded)
-            rows = by_task.unpad(scales[:, None].expand(by_task.index.shape))  # each row its task's scale
-            return assemble(list(rows.split([g.size for g in task_groups])), task_groups)[:, None]
+            # each row its task's scale
+            return by_task.in_batch_order(scales[:, None].expand(by_task.index.shape), task_groups)[:, None]
 
         return imagination_loss(
             self.cfg, self.two_hot, self.policy(states[:, :-1], task_ids),

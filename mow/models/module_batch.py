@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from mow.models.row_groups import to_device
+from mow.models.row_groups import RowGroup, assemble, to_device
 from mow.models.transformer import KVCache
 
 
@@ -66,6 +66,11 @@ class ModuleBatch:
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """``[G, R, ...]`` -> the real rows ``[N, ...]``, group after group."""
         return x.flatten(0, 1)[self.valid]
+
+    def in_batch_order(self, x: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
+        """``[G, R, ...]`` -> the real rows in batch order ``[B, ...]``, for the row groups
+        ``groups`` this batch was made from (``of`` with their keys and rows)."""
+        return assemble(list(self.unpad(x).split([g.size for g in groups])), groups)
 
     def vmap(self, name: str, modules: Sequence[nn.Module], fn: Callable[..., Any], *grouped: Any) -> Any:
         """``fn(call, *args)`` for every group at once under ``torch.func.vmap``, where
@@ -124,8 +129,6 @@ def run_experts(
     count, width = batch.index.shape
     steps = z.shape[1]
     length = cache.length if cache is not None else 0
-    if cache is not None and length + steps > cache.max_len:
-        raise ValueError(f"KV cache overflow: {length + steps} steps > max_len {cache.max_len}")
     past: tuple[list, list] = ([], [])
     if length:
         past = ([k[:, :, :length].unflatten(0, (count, width)) for k in cache.keys],  # type: ignore[union-attr]

@@ -540,7 +540,7 @@ class MoWWorldModel(nn.Module):
         if cluster_batch is not None:
             out = cluster_batch.vmap(head, [getattr(h, head) for h in self.heads], lambda call, x, e: call(x, e),
                                      cluster_batch.rows(x), cluster_batch.rows(embedding))
-            return assemble(list(cluster_batch.unpad(out).split([g.size for g in groups])), groups)
+            return cluster_batch.in_batch_order(out, groups)
         if head == "prior":
             raw = assemble([self.heads[g.key].prior.raw_logits(x[g.rows], embedding[g.rows]) for g in groups], groups)
             return unimix_logits(raw, self.cfg.world.unimix)
