@@ -30,6 +30,7 @@ import torch
 
 from mow.checkpoint import atomic_write_text
 from mow.config import Params
+from mow.models import linear
 from mow.runtime import Runtime, adam, make_runtime, retain_cpu_memory
 
 # The official STORM code measured on this project's reference CPU (2 vCPU AMD EPYC,
@@ -69,7 +70,8 @@ def native_bf16(device: torch.device) -> bool:
 def count_flops(fn) -> int:
     """FLOPs of one call of ``fn`` (matrix products, convolutions, attention; elementwise ops
     and the optimiser are not counted). torch's counter lacks the CPU flash-attention kernels
-    that fused attention dispatches to on CPU; they take the formulas of the GPU ones."""
+    that fused attention dispatches to on CPU, which take the formulas of the GPU ones, and
+    oneDNN's linear (``mow.models.linear``): 2·M·K·N like ``mm``."""
     from torch.utils import flop_counter
 
     def attention(query, key, value, *args, out_shape=None, **kwargs):  # arguments arrive as shapes
@@ -78,10 +80,15 @@ def count_flops(fn) -> int:
     def attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
         return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
+    def onednn_linear(x, weight, *args, out_shape=None, **kwargs):
+        return flop_counter.mm_flop(x, list(reversed(weight)))
+
     aten = torch.ops.aten
-    cpu_attention = {aten._scaled_dot_product_flash_attention_for_cpu: attention,
-                     aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward}
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+    cpu_kernels = {aten._scaled_dot_product_flash_attention_for_cpu: attention,
+                   aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward}
+    if linear.ONEDNN:
+        cpu_kernels[torch.ops.mkldnn._linear_pointwise] = onednn_linear
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_kernels) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -496,6 +503,7 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
         "host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_fp32_linear": "onednn" if linear.ONEDNN else "blas",  # mow.models.linear
         "official_storm_reference_cpu_fp32": OFFICIAL_STORM_CPU_FP32, "scales": {},
     }
     print("bench: env steps/s ...", flush=True)

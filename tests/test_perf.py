@@ -16,6 +16,8 @@ import torch
 
 from mow.bench import count_flops, count_ops, count_work, round_totals
 from mow.config import load_params
+from mow.models import linear as fast_linear
+from mow.models.linear import Linear, uses_onednn
 from mow.models.transformer import CausalSelfAttention, KVCache, explicit_attention
 from mow.models.world_model import WorldModel, WorldModelConfig
 from mow.runtime import adam, retain_cpu_memory, tune_cpu_allocator
@@ -76,6 +78,86 @@ def test_explicit_attention_matches_a_float64_truth_in_fp32_and_bf16():
                                    rtol=1.6e-2, atol=2e-2)
 
 
+def _linear_kernels(fn) -> list[str]:
+    """Names of the matrix-product operators ``fn`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("mm", "addmm", "_linear_pointwise"):
+                names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return names
+
+
+@pytest.mark.skipif(not fast_linear.ONEDNN, reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 24), (3, 7, 24), "transposed"])
+def test_onednn_linear_matches_a_float64_truth_forward_and_backward(bias, shape, monkeypatch):
+    """The CPU fp32 Linear runs its output and both gradients through oneDNN (three
+    products, no BLAS call) and equals float64 F.linear to fp32 rounding (1e-5 relative)."""
+    monkeypatch.setattr(fast_linear, "ONEDNN_MIN_MACS", 0)  # small shapes, same kernels
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=bias)
+    x = torch.randn(24, 6).t() if shape == "transposed" else torch.randn(*shape)  # strided input too
+    x.requires_grad_(True)
+    grad = torch.randn(*x.shape[:-1], 40)
+    assert uses_onednn(x, layer.weight, layer.bias)
+    assert _linear_kernels(lambda: layer(x).backward(grad)) == ["_linear_pointwise"] * 3
+
+    params = [x] + list(layer.parameters())
+    fast = torch.autograd.grad(layer(x), params, grad)
+    truth_params = [p.detach().double().requires_grad_(True) for p in params]
+    truth_out = torch.nn.functional.linear(*truth_params) if bias else \
+        torch.nn.functional.linear(truth_params[0], truth_params[1])
+    truth = torch.autograd.grad(truth_out, truth_params, grad.double())
+    torch.testing.assert_close(layer(x).double(), truth_out.detach(), rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(["input", "weight", "bias"], fast, truth):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
+@pytest.mark.skipif(not fast_linear.ONEDNN, reason="this torch build has no oneDNN linear")
+def test_only_products_above_the_threshold_go_to_onednn():
+    """Below ONEDNN_MIN_MACS multiply-adds oneDNN's per-call set-up costs more than it saves."""
+    layer = Linear(128, 128)
+    assert _linear_kernels(lambda: layer(torch.randn(255, 128))) == ["addmm"]
+    assert _linear_kernels(lambda: layer(torch.randn(256, 128))) == ["_linear_pointwise"]
+
+
+def test_linear_falls_back_to_torch_where_onednn_does_not_apply(monkeypatch):
+    """bf16 autocast (its products already run in oneDNN, in bf16), float64, and vmap
+    (``ModuleBatch``) take ``F.linear``: same dtype and values as torch's own layer."""
+    monkeypatch.setattr(fast_linear, "ONEDNN_MIN_MACS", 0)
+    torch.manual_seed(0)
+    layer, x = Linear(8, 4), torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_onednn(x, layer.weight, layer.bias)
+        assert layer(x).dtype == torch.bfloat16
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    double = Linear(8, 4).double()
+    assert _linear_kernels(lambda: double(x.double())) == ["addmm"]
+    weights, biases = torch.randn(2, 4, 8), torch.randn(2, 4)
+    batched = torch.func.vmap(lambda w, b, x: torch.func.functional_call(layer, {"weight": w, "bias": b}, (x,)))(
+        weights, biases, torch.stack([x, x]))
+    for i in range(2):
+        torch.testing.assert_close(batched[i], x @ weights[i].T + biases[i])
+
+
+def test_onednn_linear_can_be_turned_off_by_the_environment():
+    import subprocess
+    import sys
+
+    code = "from mow.models import linear; print(linear.ONEDNN)"
+    env = {**__import__("os").environ, "MOW_ONEDNN_LINEAR": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_fused_adam_matches_the_loop_implementation():
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 5))
@@ -126,13 +208,20 @@ def test_allocator_tuning_is_idempotent_and_keeps_values():
     assert torch.equal((x @ x.T).sum(), before)
 
 
-def test_flop_count_matches_hand_computed_values_including_cpu_fused_attention():
-    """The bench's FLOP counter on a Linear (2·B·in·out) and on CPU fused attention, which
-    torch's own counter misses on CPU: two products of 2·B·H·Tq·Tk·D forward (scores,
-    weighted values); five backward (scores recomputed, then the gradients of the
-    probabilities, values, queries and keys)."""
+def test_flop_count_matches_hand_computed_values_including_cpu_fused_attention(monkeypatch):
+    """The bench's FLOP counter on a Linear (2·B·in·out; torch's and this project's, whose
+    oneDNN kernels torch's counter does not know, forward and backward) and on CPU fused
+    attention, which torch's own counter misses on CPU: two products of 2·B·H·Tq·Tk·D
+    forward (scores, weighted values); five backward (scores recomputed, then the gradients
+    of the probabilities, values, queries and keys)."""
     linear = torch.nn.Linear(8, 4)
     assert count_flops(lambda: linear(torch.randn(3, 8))) == 2 * 3 * 8 * 4
+    monkeypatch.setattr(fast_linear, "ONEDNN_MIN_MACS", 0)
+    ours, x = Linear(8, 4), torch.randn(3, 5, 8, requires_grad=True)
+    assert uses_onednn(x, ours.weight) == fast_linear.ONEDNN
+    assert count_flops(lambda: ours(x)) == 2 * 15 * 8 * 4
+    out = ours(x)
+    assert count_flops(lambda: out.sum().backward()) == 2 * (2 * 15 * 8 * 4)
     q, k, v = (torch.randn(1, 2, t, 4, requires_grad=True) for t in (5, 7, 7))
     product = 2 * 1 * 2 * 5 * 7 * 4
     assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 2 * product

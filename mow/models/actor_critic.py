@@ -31,6 +31,7 @@ from torch.distributions import Categorical
 
 from mow.models.continuous import TanhGaussian, TanhGaussianHead
 from mow.models.heads import mlp_trunk
+from mow.models.linear import Linear
 from mow.models.module_batch import ModuleBatch, use_module_batches
 from mow.models.row_groups import RowGroup, assemble, group_rows, host_rows, read_back
 from mow.models.world_model import Imagination
@@ -113,7 +114,7 @@ def mask_logits(logits: torch.Tensor, action_mask: torch.Tensor | None) -> torch
 def _actor(cfg: AgentConfig, state_dim: int, num_actions: int, continuous: bool) -> nn.Sequential:
     """MLP trunk + logits over ``num_actions`` actions, or a tanh-Gaussian over a
     ``num_actions``-dimensional action vector when ``continuous``."""
-    head = TanhGaussianHead(cfg.hidden, num_actions) if continuous else nn.Linear(cfg.hidden, num_actions)
+    head = TanhGaussianHead(cfg.hidden, num_actions) if continuous else Linear(cfg.hidden, num_actions)
     return nn.Sequential(mlp_trunk(state_dim, cfg.hidden, cfg.layers), head)
 
 
@@ -133,7 +134,7 @@ class ActorCritic(nn.Module):
         self.continuous = continuous
         self.actor = _actor(cfg, state_dim, num_actions, continuous)
         self.critic = nn.Sequential(
-            mlp_trunk(state_dim, cfg.hidden, cfg.layers), nn.Linear(cfg.hidden, cfg.value_bins)
+            mlp_trunk(state_dim, cfg.hidden, cfg.layers), Linear(cfg.hidden, cfg.value_bins)
         )
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.two_hot = TwoHot(cfg.value_bins)
@@ -230,7 +231,7 @@ def imagination_loss(
 
 def _critic(cfg: AgentConfig, state_dim: int) -> nn.Sequential:
     return nn.Sequential(
-        mlp_trunk(state_dim, cfg.hidden, cfg.layers), nn.Linear(cfg.hidden, cfg.value_bins)
+        mlp_trunk(state_dim, cfg.hidden, cfg.layers), Linear(cfg.hidden, cfg.value_bins)
     )
 
 

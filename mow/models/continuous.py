@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mow.models.linear import Linear
+
 LOG_STD_MIN = -5.0
 LOG_STD_MAX = 2.0
 ACTION_EPS = 1e-6  # actions are clipped to [-1 + eps, 1 - eps] before atanh
@@ -114,7 +116,7 @@ class TanhGaussianHead(nn.Module):
     def __init__(self, in_dim: int, action_dim: int) -> None:
         super().__init__()
         self.action_dim = action_dim
-        self.linear = nn.Linear(in_dim, 2 * action_dim)
+        self.linear = Linear(in_dim, 2 * action_dim)
 
     def forward(self, features: torch.Tensor) -> TanhGaussian:
         mean, raw = self.linear(features).float().chunk(2, dim=-1)

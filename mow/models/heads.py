@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mow.models.linear import Linear
+
 from mow.numerics import unimix_logits
 
 
@@ -33,7 +35,7 @@ def mlp_trunk(in_dim: int, hidden: int, layers: int) -> nn.Sequential:
     modules: list[nn.Module] = []
     for index in range(layers):
         modules += [
-            nn.Linear(in_dim if index == 0 else hidden, hidden, bias=False),
+            Linear(in_dim if index == 0 else hidden, hidden, bias=False),
             nn.LayerNorm(hidden),
             nn.ReLU(inplace=True),
         ]
@@ -51,7 +53,7 @@ class DistHead(nn.Module):
     ) -> None:
         super().__init__()
         self.stoch, self.classes, self.unimix = stoch, classes, unimix
-        self.linear = nn.Linear(in_dim + cond_dim, stoch * classes)
+        self.linear = Linear(in_dim + cond_dim, stoch * classes)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """``[..., in_dim]`` -> float32 unimixed logits ``[..., stoch, classes]``."""
@@ -71,7 +73,7 @@ class RewardHead(nn.Module):
     ) -> None:
         super().__init__()
         self.trunk = mlp_trunk(in_dim + cond_dim, hidden, layers)
-        self.out = nn.Linear(hidden, bins)
+        self.out = Linear(hidden, bins)
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return self.out(self.trunk(concat_condition(h, cond)))
@@ -83,7 +85,7 @@ class TerminationHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int, layers: int, cond_dim: int = 0) -> None:
         super().__init__()
         self.trunk = mlp_trunk(in_dim + cond_dim, hidden, layers)
-        self.out = nn.Linear(hidden, 1)
+        self.out = Linear(hidden, 1)
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """``[..., in_dim]`` -> ``[...]`` logits."""

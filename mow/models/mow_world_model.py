@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mow.models.heads import DistHead, RewardHead, TerminationHead, concat_condition, mlp_trunk
+from mow.models.linear import Linear
 from mow.models.multitask_losses import balance_loss, harmonious_loss
 from mow.models.module_batch import ModuleBatch, run_experts, use_module_batches
 from mow.models.router import Routing, TaskEmbedding, TaskRouter
@@ -227,7 +228,7 @@ class MoWWorldModel(nn.Module):
             else TokenMixer(w.latent_dim, num_actions, cfg.shared_d_model, e, continuous)
         )
         self.shared_input = (
-            nn.Linear(cfg.top_k * cfg.expert_d_model + e, cfg.shared_d_model)
+            Linear(cfg.top_k * cfg.expert_d_model + e, cfg.shared_d_model)
             if cfg.use_experts
             else None
         )
@@ -246,7 +247,7 @@ class MoWWorldModel(nn.Module):
         self.heads = nn.ModuleList(ClusterHeads(cfg) for _ in range(cfg.num_clusters))
         self.task_head = nn.Sequential(
             mlp_trunk(cfg.shared_d_model, w.head_hidden, w.head_layers),
-            nn.Linear(w.head_hidden, cfg.num_tasks),
+            Linear(w.head_hidden, cfg.num_tasks),
         )
         self.log_sigma = nn.Parameter(torch.full((cfg.num_tasks,), float(cfg.sigma_init)).log())
         self.two_hot = TwoHot(w.reward_bins)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mow.models.linear import Linear
+
 
 class TaskEmbedding(nn.Module):
     """Learnable per-task vectors e_k with ‖e_k‖₂ = 1."""
@@ -88,7 +90,7 @@ class TaskRouter(nn.Module):
         self.temperature_start, self.temperature_end = temperature_start, temperature_end
         self.anneal_updates = anneal_updates
         self.mlp = nn.Sequential(
-            nn.Linear(embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_experts)
+            Linear(embed_dim, hidden), nn.ReLU(inplace=True), Linear(hidden, num_experts)
         )
         self.register_buffer("current_temperature", torch.tensor(float(temperature_start)))
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mow.models.heads import concat_condition
+from mow.models.linear import Linear
 
 
 class TokenMixer(nn.Module):
@@ -35,9 +36,9 @@ class TokenMixer(nn.Module):
         super().__init__()
         self.num_actions = num_actions
         self.continuous = continuous
-        self.latent_proj = nn.Linear(latent_dim + cond_dim, d_model, bias=False)
+        self.latent_proj = Linear(latent_dim + cond_dim, d_model, bias=False)
         if continuous:
-            self.action_proj = nn.Linear(num_actions, d_model, bias=False)
+            self.action_proj = Linear(num_actions, d_model, bias=False)
             action_weight = self.action_proj.weight
         else:
             self.action_embed = nn.Embedding(num_actions, d_model)
@@ -49,7 +50,7 @@ class TokenMixer(nn.Module):
         self.body = nn.Sequential(
             nn.LayerNorm(d_model),
             nn.ReLU(inplace=True),
-            nn.Linear(d_model, d_model, bias=False),
+            Linear(d_model, d_model, bias=False),
             nn.LayerNorm(d_model),
         )
 
@@ -111,8 +112,8 @@ class CausalSelfAttention(nn.Module):
         if d_model % heads:
             raise ValueError(f"d_model {d_model} is not divisible by {heads} heads")
         self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.qkv = Linear(d_model, 3 * d_model, bias=False)
+        self.out = Linear(d_model, d_model, bias=False)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
@@ -177,9 +178,9 @@ class TransformerBlock(nn.Module):
         self.attention_dropout = nn.Dropout(dropout)
         self.attention_norm = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
-            nn.Linear(d_model, ffn),
+            Linear(d_model, ffn),
             nn.ReLU(inplace=True),
-            nn.Linear(ffn, d_model),
+            Linear(ffn, d_model),
             nn.Dropout(dropout),
         )
         self.ffn_norm = nn.LayerNorm(d_model)

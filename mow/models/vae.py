@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mow.models.heads import DistHead, concat_condition
+from mow.models.linear import Linear
 
 
 def images_to_float(obs: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,7 @@ class CategoricalVAE(nn.Module):
         self.encoder = ConvEncoder(channels, encoder_channels)
         self.posterior_head = DistHead(feature_dim, stoch, classes, unimix, cond_dim)
 
-        self.decoder_stem = nn.Linear(self.latent_dim + cond_dim, feature_dim, bias=False)
+        self.decoder_stem = Linear(self.latent_dim + cond_dim, feature_dim, bias=False)
         self.decoder_stem_norm = nn.BatchNorm2d(self.final_channels)
         decoder: list[nn.Module] = [nn.ReLU(inplace=True)]
         reversed_channels = encoder_channels[::-1]
