@@ -119,6 +119,11 @@ def test_onednn_linear_matches_a_float64_truth_forward_and_backward(bias, shape,
     torch.testing.assert_close(layer(x).double(), truth_out.detach(), rtol=1e-5, atol=1e-5)
     for name, got, want in zip(["input", "weight", "bias"], fast, truth):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
+    # a broadcast gradient (strides of 0, as a sum's backward gives) reads as the dense one
+    summed = torch.autograd.grad(layer(x).sum(), params)
+    dense = torch.autograd.grad(layer(x), params, torch.ones_like(grad))
+    for got, want in zip(summed, dense):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not fast_linear.ONEDNN, reason="this torch build has no oneDNN linear")
