@@ -11,13 +11,14 @@ Small products stay with ``F.linear``: below about 4 M multiply-adds oneDNN's pe
 outweighs its speed (measured crossover on that CPU; the smoke scale's layers are there).
 Everything else falls back to ``F.linear`` unchanged too: other devices, other dtypes, bf16
 autocast (its products already run in oneDNN), ``torch.compile`` (Inductor picks its own
-kernels), functorch transforms (``ModuleBatch``'s ``vmap``), and a torch build without
-oneDNN. Set ``MOW_ONEDNN_LINEAR=0`` to turn the path off.
+kernels), functorch transforms (``ModuleBatch``'s ``vmap``), CPUs other than x86-64 (not
+measured) and a torch build without oneDNN. Set ``MOW_ONEDNN_LINEAR=0`` to turn the path off.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 def _onednn_available() -> bool:
     return (
         os.environ.get("MOW_ONEDNN_LINEAR", "1") != "0"
+        and platform.machine().lower() in ("x86_64", "amd64")  # measured there only
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
