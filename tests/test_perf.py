@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,11 +157,8 @@ def test_linear_falls_back_to_torch_where_onednn_does_not_apply(monkeypatch):
 
 
 def test_onednn_linear_can_be_turned_off_by_the_environment():
-    import subprocess
-    import sys
-
     code = "from mow.models import linear; print(linear.ONEDNN)"
-    env = {**__import__("os").environ, "MOW_ONEDNN_LINEAR": "0"}
+    env = {**os.environ, "MOW_ONEDNN_LINEAR": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
