@@ -263,6 +263,7 @@ def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_sa
         assert method["peak_rss_mib"] > 0 and method["imag_batch_measured"] == 8
     rounds = [m / s for s, m in zip(round_totals(smoke), round_totals(smoke["mow"]))]
     assert len(rounds) == 2 and smoke["mow_vs_storm_update_cost"] == pytest.approx(sum(rounds) / 2)
+    assert smoke["mow_vs_storm_update_cost_rounds"] == pytest.approx(rounds, abs=1e-4)
     for method in (smoke, smoke["mow"]):
         for work in ("flops", "ops"):
             counts = method[work]
