@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from mow.models.linear import Linear
-
 from mow.numerics import unimix_logits
 
 
