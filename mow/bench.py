@@ -1,8 +1,9 @@
 """Throughput benchmark: world-model updates/s, imagination rollouts/s, actor-critic
 updates/s and env steps/s (Atari Pong; Meta-World with 64x64 rendering), per scale and precision, on the current device; peak memory;
 MoW's cost relative to STORM; optionally (``--sweep``) how MoW's update time and parameter
-count grow with the number of tasks and experts against K separate STORMs; an estimate of
-the device-hours of the paper-scale DAG. Written as JSON plus a figure next to it.
+count grow with the number of tasks and experts against K separate STORMs; optionally
+(``--profile``) where each part spends its time (`mow.profiling`); an estimate of the
+device-hours of the paper-scale DAG. Written as JSON plus a figure next to it.
 
 Timings are medians over `repeats` after one warm-up call; STORM and MoW each run in a
 process of their own, their repeats interleaved so that their ratio survives load changes
@@ -31,6 +32,7 @@ import torch
 from mow.checkpoint import atomic_write_text
 from mow.config import Params
 from mow.models import linear
+from mow.profiling import params_with_grad, phase, profile_call
 from mow.runtime import Runtime, adam, make_runtime, retain_cpu_memory
 
 # The official STORM code measured on this project's reference CPU (2 vCPU AMD EPYC,
@@ -124,12 +126,15 @@ def _wm_update(model, opt, runtime: Runtime, clip: float, batch: tuple, loss_fn)
     loss function `loss_fn`), as a closure to time."""
     def step():
         model.train()
-        with runtime.autocast():
+        with phase("loss"), runtime.autocast():
             loss, _ = loss_fn(*batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
+        with phase("backward"):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with phase("clip_grad_norm"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        with phase("optimizer_step"):
+            opt.step()
     return step
 
 
@@ -186,12 +191,15 @@ class _Setup:
                                             cfg["imag_horizon"])
 
         def ac_update():
-            with runtime.autocast():
+            with phase("loss"), runtime.autocast():
                 loss, _ = ac.compute_loss(holder["imag"], *im_extra)
-            ac_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            ac_opt.step()
-            ac.update_slow_critic()
+            with phase("backward"):
+                ac_opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with phase("optimizer_step"):
+                ac_opt.step()
+            with phase("slow_critic"):
+                ac.update_slow_critic()
 
         wm_batch = (obs, act, rew, term, *extra(B))
         loss_fn = runtime.world_model_loss(wm)
@@ -200,6 +208,8 @@ class _Setup:
                       "imagine": imagine, "ac_update": ac_update}
         if compiled:  # the eager update beside the compiled one, same model and batch
             self.parts["wm_update_eager"] = _wm_update(wm, wm_opt, runtime, cfg["wm_clip"], wm_batch, wm.compute_loss)
+        self.updated = {"wm_update": wm, "ac_update": ac}   # whose gradients an update fills
+        self.profile: dict[str, dict] = {}
         self.first_call_s: dict[str, float] = {}
         self.samples: dict[str, list[float]] = {name: [] for name in self.parts}
         self.meta = {"wm_batch": [B, T], "imag_batch": self.full_batch, "imag_batch_measured": self.imag_batch,
@@ -224,6 +234,16 @@ class _Setup:
             flops, self.ops[name] = count_work(self.parts.get(f"{name}_eager", fn))
             self.flops[name] = flops * self._scale(name)
 
+    def record_profile(self) -> None:
+        """Each eager part once under the profiler (`mow.profiling.profile_call`), with the
+        parameters an update gave a gradient."""
+        for name, fn in self.parts.items():
+            if name.endswith("_eager"):
+                continue
+            self.profile[name] = profile_call(self.parts.get(f"{name}_eager", fn), self.device)
+            if name in self.updated:
+                self.profile[name]["params_with_grad"] = params_with_grad(self.updated[name])
+
     def run_once(self, record: bool) -> None:
         for name, fn in self.parts.items():
             _sync(self.device)
@@ -242,7 +262,8 @@ class _Setup:
             compiled = {"wm_update_eager_s": t.pop("wm_update_eager"),
                         "wm_update_first_call_s": self.first_call_s["wm_update"]}  # compile included
             compiled["compile_speedup_wm_update"] = compiled["wm_update_eager_s"] / t["wm_update"]
-        return {**self.meta, "compile": bool(compiled), **compiled,
+        profiled = {"profile": self.profile} if self.profile else {}
+        return {**self.meta, "compile": bool(compiled), **compiled, **profiled,
                 "wm_update_s": t["wm_update"], "wm_updates_per_s": 1 / t["wm_update"],
                 "imagine_s": t["imagine"], "imagination_rollouts_per_s": self.full_batch / t["imagine"],
                 "ac_update_s": t["ac_update"], "ac_updates_per_s": 1 / t["ac_update"],
@@ -267,6 +288,8 @@ def _method_worker(conn, params: Params, runtime: Runtime, imag_batch: int | Non
         while (request := conn.recv()) != "result":
             if request == "count":
                 setup.record_work()
+            elif request == "profile":
+                setup.record_profile()
             else:
                 setup.run_once(record=request == "record")
             conn.send(("done", None))
@@ -287,7 +310,7 @@ def _answer(method: str, conn, proc) -> object:
 
 
 def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int | None = None,
-                 methods: tuple[str, ...] = ("storm", "mow")) -> dict[str, dict]:
+                 methods: tuple[str, ...] = ("storm", "mow"), profile: bool = False) -> dict[str, dict]:
     """One env step's updates of each of `methods` (STORM; MoW over the 26 Atari games with
     task-mixed batches), medians over `repeats` after one warm-up call, and each part's
     FLOPs and operators, counted in a call after the warm-up (the optimisers' state exists by
@@ -298,7 +321,8 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
     ~25 % slower next to MoW's models than alone on the same CPU). Their rounds alternate
     (STORM, MoW, STORM, MoW, ...) with one process computing at a time, so a load change on
     a shared machine hits both alike and their ratio stays comparable. Peak memory is each
-    method's own process."""
+    method's own process. With ``profile``, each part then runs once more under the profiler
+    (after the timed rounds, which it does not touch)."""
     ctx = multiprocessing.get_context("spawn")   # no fork of a process that holds OpenMP/CUDA state
     workers = {}
     try:
@@ -310,7 +334,7 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
             child.close()
             workers[method] = (conn, proc)
             _answer(method, conn, proc)
-        for request in ["warm-up", "count"] + ["record"] * repeats:
+        for request in ["warm-up", "count"] + ["record"] * repeats + ["profile"] * profile:
             for method, (conn, proc) in workers.items():
                 conn.send(request)
                 _answer(method, conn, proc)
@@ -499,7 +523,7 @@ def end_to_end_env_steps_per_s(result: dict, env_steps_per_s: float, update_rati
 
 
 def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3, imag_batch: int | None = None,
-              sweep: bool = False, sweep_batch: tuple[int, int] = (16, 16)) -> dict:
+              sweep: bool = False, sweep_batch: tuple[int, int] = (16, 16), profile: bool = False) -> dict:
     results: dict = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -524,7 +548,7 @@ def run_bench(params_by_scale: dict[str, Params], *, out: Path, repeats: int = 3
             runtime = Runtime(base.device, dtype, base.compile)
             print(f"bench: scale={scale} precision={runtime.precision} on {base.device}: STORM and MoW "
                   f"(26 Atari tasks), each in its own process, interleaved ...", flush=True)
-            both = bench_models(params, runtime, repeats, imag_batch)
+            both = bench_models(params, runtime, repeats, imag_batch, profile=profile)
             storm, mow = both["storm"], both["mow"]
             storm["mow"] = mow
             # both methods run update_ratio updates per env step (MoW: summed over tasks)

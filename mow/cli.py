@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time MoW against the number of tasks (2-26) and experts (3, 6, 12)")
     p.add_argument("--sweep-batch", default="16x16", help="BxT batch of the sweep's updates")
     p.add_argument("--imag-batch", type=int, default=None, help="override the imagination batch (scaled to the full batch)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each part once: phase times, top operators, CUDA kernels and host syncs")
 
     p = sub.add_parser("sync-mlflow", help="send MLflow calls spooled while the store was down")
     p.add_argument("paths", nargs="*", type=Path, default=[Path("runs")],
@@ -436,7 +438,7 @@ def cmd_bench(args) -> int:
     if len(sweep_batch) != 2 or min(sweep_batch) < 1:
         raise UsageError(f"--sweep-batch: expected BxT with positive integers, got {args.sweep_batch!r}")
     run_bench(params, out=args.out, repeats=args.repeats, imag_batch=args.imag_batch, sweep=args.sweep,
-              sweep_batch=sweep_batch)
+              sweep_batch=sweep_batch, profile=args.profile)
     return 0
 
 

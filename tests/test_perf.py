@@ -248,11 +248,12 @@ def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_sa
     """`mow bench` at the smoke scale (2 repeats, tiny imagination batch): the JSON holds each
     part of an env step's updates for STORM and MoW, their ratio from the same interleaved
     run, env throughput, memory, the scaling sweep over tasks and experts, and the figure is
-    written next to it. Values are not judged."""
+    written next to it; with ``--profile``, each part's phases and top operators. Values are
+    not judged."""
     (tmp_path / "params.yaml").write_text(PARAMS.read_text())
     out = tmp_path / "bench" / "bench.json"
     res = run_mow(["bench", "--scales", "smoke", "--repeats", "2", "--imag-batch", "8", "--sweep",
-                   "--sweep-batch", "4x4", "--out", str(out)], cwd=tmp_path, timeout=600)
+                   "--sweep-batch", "4x4", "--profile", "--out", str(out)], cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(out.read_text())
     smoke = result["scales"]["smoke"]["fp32"]
@@ -269,6 +270,16 @@ def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_sa
             counts = method[work]
             assert all(counts[part] > 0 for part in ("wm_update", "imagine", "ac_update"))
             assert counts["train_step"] == pytest.approx(counts["wm_update"] + counts["imagine"] + counts["ac_update"])
+    phases = {"wm_update": {"loss", "backward", "clip_grad_norm", "optimizer_step"},
+              "imagine": {"context", "rollout", "reward_termination"},
+              "ac_update": {"loss", "backward", "optimizer_step", "slow_critic"}}
+    for method in (smoke, smoke["mow"]):
+        for part, names in phases.items():
+            profile = method["profile"][part]
+            assert set(profile["phases_s"]) == names and sum(profile["phases_s"].values()) <= profile["wall_s"]
+            assert profile["top_ops"] and all(op["calls"] > 0 for op in profile["top_ops"])
+        assert 0 < method["profile"]["wm_update"]["params_with_grad"] < method["parameters"]
+        assert 0 < method["profile"]["ac_update"]["params_with_grad"] < method["parameters"]
     assert 1 <= smoke["mow"]["experts_in_use"] <= load_params(PARAMS, scale="smoke")["model"]["mow"]["num_experts"]
     for work in ("flops", "ops"):
         assert smoke[f"mow_vs_storm_{work}"] == smoke["mow"][work]["train_step"] / smoke[work]["train_step"]

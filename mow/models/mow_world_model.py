@@ -42,6 +42,7 @@ from mow.models.transformer import CausalTransformer, KVCache, TokenMixer
 from mow.models.vae import CategoricalVAE, images_to_float
 from mow.models.world_model import Imagination, Policy, WorldModelConfig, eval_mode
 from mow.numerics import TwoHot, categorical_kl, unimix_logits
+from mow.profiling import phase
 
 
 @dataclass(frozen=True)
@@ -609,24 +610,27 @@ class MoWWorldModel(nn.Module):
         """
         batch = act_ctx.shape[0]
         with eval_mode(self):
-            hidden, embedding, plan, cache = self._start(obs_ctx, act_ctx, task_ids, True)
+            with phase("context"):
+                hidden, embedding, plan, cache = self._start(obs_ctx, act_ctx, task_ids, True)
             groups, cluster_batch = plan.clusters, plan.cluster_batch
             states = torch.empty(batch, horizon + 1, self.state_dim, device=hidden.device)
             actions, hiddens = [], []  # actions: [B] long or [B, A] float per step
-            for step in range(horizon):
-                z, state = self._prior_state(hidden, embedding, groups, cluster_batch)
-                states[:, step] = state
-                actions.append(policy(state))
-                hidden = self._hidden(
-                    z.unsqueeze(1), actions[-1].unsqueeze(1), embedding, plan.routes, cache, plan.expert_batch
-                )[:, 0]
-                hiddens.append(hidden)
-            states[:, horizon] = self._prior_state(hidden, embedding, groups, cluster_batch)[1]
-            imagined = torch.stack(hiddens, dim=1)
-            reward_logits = self._per_cluster("reward", imagined, embedding, groups, cluster_batch)
-            termination_logits = self._per_cluster("termination", imagined, embedding, groups, cluster_batch)
-            rewards = self.two_hot.decode(reward_logits)
-            terminations = (termination_logits > 0).float()
+            with phase("rollout"):
+                for step in range(horizon):
+                    z, state = self._prior_state(hidden, embedding, groups, cluster_batch)
+                    states[:, step] = state
+                    actions.append(policy(state))
+                    hidden = self._hidden(
+                        z.unsqueeze(1), actions[-1].unsqueeze(1), embedding, plan.routes, cache, plan.expert_batch
+                    )[:, 0]
+                    hiddens.append(hidden)
+                states[:, horizon] = self._prior_state(hidden, embedding, groups, cluster_batch)[1]
+            with phase("reward_termination"):
+                imagined = torch.stack(hiddens, dim=1)
+                reward_logits = self._per_cluster("reward", imagined, embedding, groups, cluster_batch)
+                termination_logits = self._per_cluster("termination", imagined, embedding, groups, cluster_batch)
+                rewards = self.two_hot.decode(reward_logits)
+                terminations = (termination_logits > 0).float()
         return Imagination(states, torch.stack(actions, dim=1), rewards, terminations)
 
 

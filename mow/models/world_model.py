@@ -16,6 +16,7 @@ from mow.models.heads import DistHead, RewardHead, TerminationHead
 from mow.models.transformer import CausalTransformer, KVCache, TokenMixer
 from mow.models.vae import CategoricalVAE, images_to_float
 from mow.numerics import TwoHot, kl_loss_free_bits
+from mow.profiling import phase
 
 Policy = Callable[[torch.Tensor], torch.Tensor]
 
@@ -231,19 +232,22 @@ class WorldModel(nn.Module):
         """
         batch = act_ctx.shape[0]
         with eval_mode(self):
-            cache = self.transformer.new_cache()
-            hidden = self._context_hidden(obs_ctx, act_ctx, cache)
+            with phase("context"):
+                cache = self.transformer.new_cache()
+                hidden = self._context_hidden(obs_ctx, act_ctx, cache)
             states = torch.empty(batch, horizon + 1, self.state_dim, device=hidden.device)
             actions, hiddens = [], []  # actions: [B] long or [B, A] float per step
-            for step in range(horizon):
-                z, state = self._prior_state(hidden)
-                states[:, step] = state
-                actions.append(policy(state))
-                token = self.mixer(z.unsqueeze(1), actions[-1].unsqueeze(1))
-                hidden = self.transformer(token, cache)[:, 0]
-                hiddens.append(hidden)
-            states[:, horizon] = self._prior_state(hidden)[1]
-            imagined = torch.stack(hiddens, dim=1)
-            rewards = self.two_hot.decode(self.reward_head(imagined))
-            terminations = (self.termination_head(imagined) > 0).float()
+            with phase("rollout"):
+                for step in range(horizon):
+                    z, state = self._prior_state(hidden)
+                    states[:, step] = state
+                    actions.append(policy(state))
+                    token = self.mixer(z.unsqueeze(1), actions[-1].unsqueeze(1))
+                    hidden = self.transformer(token, cache)[:, 0]
+                    hiddens.append(hidden)
+                states[:, horizon] = self._prior_state(hidden)[1]
+            with phase("reward_termination"):
+                imagined = torch.stack(hiddens, dim=1)
+                rewards = self.two_hot.decode(self.reward_head(imagined))
+                terminations = (self.termination_head(imagined) > 0).float()
         return Imagination(states, torch.stack(actions, dim=1), rewards, terminations)

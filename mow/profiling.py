@@ -1,0 +1,121 @@
+"""Where a benchmarked part spends its time (`mow bench --profile`): the wall time of its
+named phases (loss, backward, clipping, optimiser step, ...), the operators that take the
+most host time, on CUDA the kernels' device time and count and the host syncs, and how many
+parameters an update gives a gradient. Profiles are summaries written into the bench JSON,
+so that a claim such as "Adam takes 67 ms of MoW's update against 5 ms of STORM's" is
+reproduced by one command on any machine instead of by a one-off script.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+#: Set while `profile_call` runs: phases then wait for the device at their end, so that a
+#: phase's wall time holds its kernels (CUDA runs them asynchronously, the backward's on a
+#: thread of its own). Outside a profile phases add no synchronisation to the timed loop.
+_SYNC_PHASES: list[torch.device] = []
+
+_PACKAGE = Path(__file__).resolve().parent
+_PREFIX = "phase/"
+
+
+@contextmanager
+def phase(name: str):
+    """A named phase of a benchmarked part (a `record_function` range; when profiled, the
+    device is synchronised before it closes)."""
+    with record_function(_PREFIX + name):
+        yield
+        for device in _SYNC_PHASES:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+
+def params_with_grad(*modules: torch.nn.Module) -> int:
+    """Parameters that hold a gradient now: after an update that zeroed them to None, the
+    ones it touched (MoW: only the clusters and experts its batch used)."""
+    return sum(p.numel() for m in modules for p in m.parameters() if p.grad is not None)
+
+
+def _site(filename: str, lineno: int) -> str:
+    path = Path(filename)
+    if path.resolve().is_relative_to(_PACKAGE):
+        return f"{path.resolve().relative_to(_PACKAGE.parent)}:{lineno}"
+    parts = path.parts
+    if "site-packages" in parts:   # an installed package's code (torch's): from its name on
+        parts = parts[len(parts) - parts[::-1].index("site-packages"):]
+    return f"{'/'.join(parts[-4:])}:{lineno}"
+
+
+def sync_sites(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Where each synchronising CUDA call that `torch.cuda.set_sync_debug_mode("warn")`
+    reported was made (the innermost Python frame: `mow/...py:line` in the package, from the
+    package name on under site-packages), one entry per call."""
+    return [_site(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message)]
+
+
+def kernels_in(spans: dict[str, list[tuple[float, float]]], kernels: list[tuple[float, float]]) -> dict[str, float]:
+    """Device seconds of the kernels (start, duration; µs) that start inside each phase's
+    host spans (start, end; µs): a profiled phase ends with a device sync, so its kernels
+    run within it, whichever host thread launched them."""
+    return {name: _s(sum(d for s, d in kernels if any(lo <= s < hi for lo, hi in ranges)))
+            for name, ranges in spans.items()}
+
+
+def _s(microseconds: float) -> float:
+    return round(microseconds / 1e6, 6)
+
+
+def profile_call(fn, device: torch.device, top: int = 12) -> dict:
+    """Profile one call of ``fn`` (already warmed up). Returns its wall time under the
+    profiler (which adds some), each `phase`'s wall time, the ``top`` operators by host self
+    time, and on CUDA the kernels' total device time and count, the top kernels, each
+    phase's kernel time and the host syncs of one more, unprofiled call."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _SYNC_PHASES.append(device)
+    try:
+        with profile(activities=activities) as prof:
+            with record_function("profiled_call"):
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+    finally:
+        _SYNC_PHASES.remove(device)
+    events = prof.events()
+    call = next(e for e in events if e.name == "profiled_call")
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for e in events:
+        if e.name.startswith(_PREFIX) and e.device_type == DeviceType.CPU:
+            spans.setdefault(e.name.removeprefix(_PREFIX), []).append((e.time_range.start, e.time_range.end))
+    ops = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::"))]
+    ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    out = {"wall_s": _s(call.cpu_time_total),
+           "phases_s": {name: _s(sum(hi - lo for lo, hi in ranges)) for name, ranges in spans.items()},
+           "top_ops": [{"name": e.key, "calls": e.count, "self_cpu_s": _s(e.self_cpu_time_total)}
+                       for e in ops[:top]]}
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        by_kernel = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        by_kernel.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        out["device"] = {
+            "kernel_s": _s(sum(k.time_range.elapsed_us() for k in kernels)),
+            "kernels": len(kernels),
+            "phases_kernel_s": kernels_in(spans, [(k.time_range.start, k.time_range.elapsed_us()) for k in kernels]),
+            "top_kernels": [{"name": e.key[:120], "calls": e.count, "self_device_s": _s(e.self_device_time_total)}
+                            for e in by_kernel[:top]]}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(device)
+        out["host_sync_sites"] = sync_sites(caught)
+        out["host_syncs"] = len(out["host_sync_sites"])
+    return out
