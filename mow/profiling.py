@@ -2,8 +2,8 @@
 named phases (loss, backward, clipping, optimiser step, ...), the operators that take the
 most host time, on CUDA the kernels' device time and count and the host syncs, and how many
 parameters an update gives a gradient. Profiles are summaries written into the bench JSON,
-so that a claim such as "Adam takes 67 ms of MoW's update against 5 ms of STORM's" is
-reproduced by one command on any machine instead of by a one-off script.
+so that a claim about where a step's time goes ("MoW's optimiser step costs ten times
+STORM's") is reproduced by one command on any machine instead of by a one-off script.
 """
 
 from __future__ import annotations
@@ -48,14 +48,14 @@ def _site(filename: str, lineno: int) -> str:
         return f"{path.resolve().relative_to(_PACKAGE.parent)}:{lineno}"
     parts = path.parts
     if "site-packages" in parts:   # an installed package's code (torch's): from its name on
-        parts = parts[len(parts) - parts[::-1].index("site-packages"):]
-    return f"{'/'.join(parts[-4:])}:{lineno}"
+        return f"{'/'.join(parts[len(parts) - parts[::-1].index('site-packages'):])}:{lineno}"
+    return f"{'/'.join(parts[-3:])}:{lineno}"
 
 
 def sync_sites(caught: list[warnings.WarningMessage]) -> list[str]:
     """Where each synchronising CUDA call that `torch.cuda.set_sync_debug_mode("warn")`
     reported was made (the innermost Python frame: `mow/...py:line` in the package, from the
-    package name on under site-packages), one entry per call."""
+    package name on under site-packages, else the last three path parts), one entry per call."""
     return [_site(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message)]
 
 

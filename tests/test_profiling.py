@@ -60,6 +60,8 @@ def test_host_syncs_are_each_located_by_file_and_line():
     sync = "called a synchronizing CUDA operation"
     caught = [warning(sync, package / "models" / "row_groups.py", 61),
               warning(sync, Path("/usr/lib/python3/site-packages/torch/nn/utils/clip_grad.py"), 40),
+              warning(sync, Path("/opt/src/project/tools/step.py"), 7),
               warning("an unrelated warning", package / "bench.py", 3),
               warning(sync, package / "bench.py", 130)]
-    assert sync_sites(caught) == ["mow/models/row_groups.py:61", "torch/nn/utils/clip_grad.py:40", "mow/bench.py:130"]
+    assert sync_sites(caught) == ["mow/models/row_groups.py:61", "torch/nn/utils/clip_grad.py:40",
+                                  "project/tools/step.py:7", "mow/bench.py:130"]
