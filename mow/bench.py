@@ -96,16 +96,17 @@ def count_flops(fn) -> int:
 
 
 def count_ops(fn) -> int:
-    """Operators one call of ``fn`` dispatches, views excluded. On a GPU each of them launches
-    at least one kernel, and an eager operator costs some microseconds of launch and Python
-    time whatever its size: the count bounds how fast a step with small tensors can run there."""
+    """Operators one call of ``fn`` dispatches, views and the profiler's range markers
+    (`mow.profiling.phase`) excluded. On a GPU each of them launches at least one kernel, and
+    an eager operator costs some microseconds of launch and Python time whatever its size:
+    the count bounds how fast a step with small tensors can run there."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
         count = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
+            if not func.is_view and func.namespace != "profiler":
                 self.count += 1
             return func(*args, **(kwargs or {}))
 

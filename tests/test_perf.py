@@ -23,6 +23,7 @@ from mow.models import linear as fast_linear
 from mow.models.linear import Linear, uses_onednn
 from mow.models.transformer import CausalSelfAttention, KVCache, explicit_attention
 from mow.models.world_model import WorldModel, WorldModelConfig
+from mow.profiling import phase
 from mow.runtime import adam, retain_cpu_memory, tune_cpu_allocator
 
 from conftest import PARAMS, run_mow
@@ -237,6 +238,12 @@ def test_flop_count_matches_hand_computed_values_including_cpu_fused_attention(m
 def test_operator_count_skips_views_and_counts_backward_operators():
     x = torch.randn(4, 3)
     assert count_ops(lambda: (x + 1).relu().view(-1).t()) == 2  # add, relu; view and t are views
+
+    def in_a_phase():
+        with phase("loss"):  # its profiler range markers launch nothing: not counted
+            return (x + 1).relu()
+
+    assert count_ops(in_a_phase) == 2
     w = torch.randn(3, 2, requires_grad=True)
     flops, ops = count_work(lambda: (x @ w).sum().backward())
     assert flops == 2 * (2 * 4 * 3 * 2)  # forward product and the weight's gradient
