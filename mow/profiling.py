@@ -8,6 +8,7 @@ STORM's") is reproduced by one command on any machine instead of by a one-off sc
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ _SYNC_PHASES: list[torch.device] = []
 
 _PACKAGE = Path(__file__).resolve().parent
 _PREFIX = "phase/"
+_CALL = "profiled_call"
 
 
 @contextmanager
@@ -67,47 +69,68 @@ def kernels_in(spans: dict[str, list[tuple[float, float]]], kernels: list[tuple[
             for name, ranges in spans.items()}
 
 
+def phases_by_call(call_spans: list[tuple[float, float]], marked: list[tuple[str, float, float]]
+                   ) -> list[dict[str, list[tuple[float, float]]]]:
+    """The phase ranges (name, start, end) that fall in each call's span, per call and name."""
+    per_call: list[dict[str, list[tuple[float, float]]]] = [{} for _ in call_spans]
+    for name, start, end in marked:
+        i = next(i for i, (lo, hi) in enumerate(call_spans) if lo <= start < hi)
+        per_call[i].setdefault(name, []).append((start, end))
+    return per_call
+
+
+def median_phase_times(per_call: list[dict[str, list[tuple[float, float]]]]) -> dict[str, float]:
+    """Seconds of each phase (its spans in a call summed; µs in), the median over the calls;
+    a call without the phase counts 0."""
+    names = sorted({name for spans in per_call for name in spans})
+    return {name: _s(statistics.median(sum(hi - lo for lo, hi in spans.get(name, ())) for spans in per_call))
+            for name in names}
+
+
 def _s(microseconds: float) -> float:
     return round(microseconds / 1e6, 6)
 
 
-def profile_call(fn, device: torch.device, top: int = 12) -> dict:
-    """Profile one call of ``fn`` (already warmed up). Returns its wall time under the
-    profiler (which adds some), each `phase`'s wall time, the ``top`` operators by host self
-    time, and on CUDA the kernels' total device time and count, the top kernels, each
-    phase's kernel time and the host syncs of one more, unprofiled call."""
+def profile_call(fn, device: torch.device, calls: int = 3, top: int = 12) -> dict:
+    """Profile ``calls`` calls of ``fn`` (already warmed up). One call's figures move by tens
+    of percent on a shared machine, so times are medians over the calls: each call's wall
+    time under the profiler (which adds some) and each `phase`'s. Operators (the ``top`` by
+    host self time) are per call, averaged. On CUDA also the kernels' device time and count
+    per call, the top kernels, each phase's kernel time (median) and the host syncs of one
+    more, unprofiled call."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _SYNC_PHASES.append(device)
     try:
         with profile(activities=activities) as prof:
-            with record_function("profiled_call"):
-                fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+            for _ in range(calls):
+                with record_function(_CALL):
+                    fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
     finally:
         _SYNC_PHASES.remove(device)
     events = prof.events()
-    call = next(e for e in events if e.name == "profiled_call")
-    spans: dict[str, list[tuple[float, float]]] = {}
-    for e in events:
-        if e.name.startswith(_PREFIX) and e.device_type == DeviceType.CPU:
-            spans.setdefault(e.name.removeprefix(_PREFIX), []).append((e.time_range.start, e.time_range.end))
+    call_spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == _CALL)
+    spans = phases_by_call(call_spans, [(e.name.removeprefix(_PREFIX), e.time_range.start, e.time_range.end)
+                                        for e in events if e.name.startswith(_PREFIX) and e.device_type == DeviceType.CPU])
     ops = [e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::"))]
     ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    out = {"wall_s": _s(call.cpu_time_total),
-           "phases_s": {name: _s(sum(hi - lo for lo, hi in ranges)) for name, ranges in spans.items()},
-           "top_ops": [{"name": e.key, "calls": e.count, "self_cpu_s": _s(e.self_cpu_time_total)}
+    out = {"calls": calls,
+           "wall_s": _s(statistics.median(hi - lo for lo, hi in call_spans)),
+           "phases_s": median_phase_times(spans),
+           "top_ops": [{"name": e.key, "calls": e.count / calls, "self_cpu_s": _s(e.self_cpu_time_total / calls)}
                        for e in ops[:top]]}
     if device.type == "cuda":
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        kernels = [(e.time_range.start, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
+        per_call = [kernels_in(call, kernels) for call in spans]
         by_kernel = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
         by_kernel.sort(key=lambda e: e.self_device_time_total, reverse=True)
         out["device"] = {
-            "kernel_s": _s(sum(k.time_range.elapsed_us() for k in kernels)),
-            "kernels": len(kernels),
-            "phases_kernel_s": kernels_in(spans, [(k.time_range.start, k.time_range.elapsed_us()) for k in kernels]),
-            "top_kernels": [{"name": e.key[:120], "calls": e.count, "self_device_s": _s(e.self_device_time_total)}
-                            for e in by_kernel[:top]]}
+            "kernel_s": _s(sum(d for _, d in kernels) / calls),
+            "kernels": len(kernels) / calls,
+            "phases_kernel_s": {name: statistics.median(c.get(name, 0.0) for c in per_call) for name in out["phases_s"]},
+            "top_kernels": [{"name": e.key[:120], "calls": e.count / calls,
+                             "self_device_s": _s(e.self_device_time_total / calls)} for e in by_kernel[:top]]}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")

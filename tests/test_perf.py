@@ -283,7 +283,7 @@ def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_sa
     for method in (smoke, smoke["mow"]):
         for part, names in phases.items():
             profile = method["profile"][part]
-            assert set(profile["phases_s"]) == names and sum(profile["phases_s"].values()) <= profile["wall_s"]
+            assert set(profile["phases_s"]) == names and max(profile["phases_s"].values()) <= profile["wall_s"]
             assert profile["top_ops"] and all(op["calls"] > 0 for op in profile["top_ops"])
         assert 0 < method["profile"]["wm_update"]["params_with_grad"] < method["parameters"]
         assert 0 < method["profile"]["ac_update"]["params_with_grad"] < method["parameters"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 import mow
-from mow.profiling import kernels_in, params_with_grad, phase, profile_call, sync_sites
+from mow.profiling import (kernels_in, median_phase_times, params_with_grad, phase, phases_by_call, profile_call,
+                           sync_sites)
 
 torch.set_num_threads(2)
 
@@ -33,16 +34,25 @@ def test_profile_call_reports_phases_operator_calls_and_touched_parameters():
             torch.mm(x, x.t())
 
     update()
-    profile = profile_call(update, torch.device("cpu"))
-    assert set(profile["phases_s"]) == {"loss", "backward", "extra"}
-    assert all(t > 0 for t in profile["phases_s"].values())
-    assert sum(profile["phases_s"].values()) <= profile["wall_s"]
+    profile = profile_call(update, torch.device("cpu"), calls=3)
+    assert profile["calls"] == 3 and set(profile["phases_s"]) == {"loss", "backward", "extra"}
+    assert all(0 < t <= profile["wall_s"] for t in profile["phases_s"].values())  # medians of parts of each call
     calls = {op["name"]: op["calls"] for op in profile["top_ops"]}
-    assert calls["aten::mm"] == 4 + 1  # the phases' four, and the weight gradient's product
+    assert calls["aten::mm"] == 4 + 1  # per call: the phases' four, and the weight gradient's product
     selfs = [op["self_cpu_s"] for op in profile["top_ops"]]
     assert selfs == sorted(selfs, reverse=True) and len(selfs) <= 12
     assert "device" not in profile and "host_syncs" not in profile  # CUDA only
     assert params_with_grad(used, unused) == 8 * 4 + 4  # the unused layer has no gradient
+
+
+def test_phase_times_are_per_call_sums_and_their_median():
+    calls = [(0.0, 100.0), (100.0, 300.0), (300.0, 400.0)]  # µs
+    marked = [("p", 10.0, 20.0), ("p", 30.0, 35.0), ("q", 50.0, 90.0),  # call 1: p twice (15 µs)
+              ("p", 110.0, 290.0),                                      # call 2: a slow p, no q
+              ("p", 310.0, 330.0), ("q", 340.0, 350.0)]                 # call 3
+    per_call = phases_by_call(calls, marked)
+    assert per_call[0] == {"p": [(10.0, 20.0), (30.0, 35.0)], "q": [(50.0, 90.0)]} and per_call[1] == {"p": [(110.0, 290.0)]}
+    assert median_phase_times(per_call) == {"p": 20e-6, "q": 10e-6}  # p: 15, 180, 20; q: 40, 0, 10
 
 
 def test_kernels_are_attributed_to_the_phase_span_they_start_in():
