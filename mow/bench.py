@@ -224,24 +224,25 @@ class _Setup:
         """Imagination and its update run at imag_batch rows: scaled to the full batch."""
         return 1.0 if name.startswith("wm_update") else self.full_batch / self.imag_batch
 
+    def _eager_parts(self):
+        """(name, eager function) of each timed part: a compiled update computes what its
+        eager twin does, and counters and the profiler see eager operators only."""
+        return [(name, self.parts.get(f"{name}_eager", fn)) for name, fn in self.parts.items()
+                if not name.endswith("_eager")]
+
     def record_work(self) -> None:
-        """One call of each part under the FLOP and operator counters (eager parts only: a
-        compiled update computes what its eager twin does). Operators are not scaled to the
-        full imagination batch: their number does not grow with the rows."""
+        """One call of each eager part under the FLOP and operator counters. Operators are
+        not scaled to the full imagination batch: their number does not grow with the rows."""
         self.flops, self.ops = {}, {}
-        for name, fn in self.parts.items():
-            if name.endswith("_eager"):
-                continue
-            flops, self.ops[name] = count_work(self.parts.get(f"{name}_eager", fn))
+        for name, fn in self._eager_parts():
+            flops, self.ops[name] = count_work(fn)
             self.flops[name] = flops * self._scale(name)
 
     def record_profile(self) -> None:
-        """Each eager part once under the profiler (`mow.profiling.profile_call`), with the
-        parameters an update gave a gradient."""
-        for name, fn in self.parts.items():
-            if name.endswith("_eager"):
-                continue
-            self.profile[name] = profile_call(self.parts.get(f"{name}_eager", fn), self.device)
+        """Each eager part under the profiler (`mow.profiling.profile_call`: 3 calls), with
+        the parameters an update gave a gradient."""
+        for name, fn in self._eager_parts():
+            self.profile[name] = profile_call(fn, self.device)
             if name in self.updated:
                 self.profile[name]["params_with_grad"] = params_with_grad(self.updated[name])
 
@@ -322,8 +323,8 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
     ~25 % slower next to MoW's models than alone on the same CPU). Their rounds alternate
     (STORM, MoW, STORM, MoW, ...) with one process computing at a time, so a load change on
     a shared machine hits both alike and their ratio stays comparable. Peak memory is each
-    method's own process. With ``profile``, each part then runs once more under the profiler
-    (after the timed rounds, which it does not touch)."""
+    method's own process. With ``profile``, each part then runs 3 more calls under the
+    profiler (after the timed rounds, which it does not touch)."""
     ctx = multiprocessing.get_context("spawn")   # no fork of a process that holds OpenMP/CUDA state
     workers = {}
     try:

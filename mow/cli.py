@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-batch", default="16x16", help="BxT batch of the sweep's updates")
     p.add_argument("--imag-batch", type=int, default=None, help="override the imagination batch (scaled to the full batch)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile each part once: phase times, top operators, CUDA kernels and host syncs")
+                   help="also profile 3 calls of each part: phase times, top operators, CUDA kernels and host syncs")
 
     p = sub.add_parser("sync-mlflow", help="send MLflow calls spooled while the store was down")
     p.add_argument("paths", nargs="*", type=Path, default=[Path("runs")],
