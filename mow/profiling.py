@@ -9,6 +9,7 @@ STORM's") is reproduced by one command on any machine instead of by a one-off sc
 from __future__ import annotations
 
 import statistics
+import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 #: thread of its own). Outside a profile phases add no synchronisation to the timed loop.
 _SYNC_PHASES: list[torch.device] = []
 
-_PACKAGE = Path(__file__).resolve().parent
+_THIS = Path(__file__).resolve()
+_PACKAGE = _THIS.parent
 _PREFIX = "phase/"
 _CALL = "profiled_call"
 
@@ -54,11 +56,48 @@ def _site(filename: str, lineno: int) -> str:
     return f"{'/'.join(parts[-3:])}:{lineno}"
 
 
-def sync_sites(caught: list[warnings.WarningMessage]) -> list[str]:
-    """Where each synchronising CUDA call that `torch.cuda.set_sync_debug_mode("warn")`
-    reported was made (the innermost Python frame: `mow/...py:line` in the package, from the
-    package name on under site-packages, else the last three path parts), one entry per call."""
-    return [_site(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message)]
+def sync_site(frames: list[tuple[str, int]]) -> str:
+    """Where a synchronising CUDA call was made, from the Python stack at its warning
+    (outermost first): the innermost line of this package (this module's own frames aside),
+    and after an arrow the innermost frame of all where that is elsewhere (torch's code the
+    package called): ``mow/models/vae.py:88 -> torch/nn/utils/clip_grad.py:40``."""
+    frames = [(f, n) for f, n in frames if Path(f).resolve() != _THIS]
+    ours = [(f, n) for f, n in frames if Path(f).resolve().is_relative_to(_PACKAGE)]
+    innermost = _site(*frames[-1])
+    if not ours or ours[-1] == frames[-1]:
+        return innermost
+    return f"{_site(*ours[-1])} -> {innermost}"
+
+
+@contextmanager
+def host_sync_sites(device: torch.device):
+    """Collect :func:`sync_site` of each call that makes the host wait for ``device``
+    (`torch.cuda.set_sync_debug_mode("warn")`; on CPU nothing syncs and nothing is
+    collected unless warned) into the yielded list."""
+    sites: list[str] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            stack = [(f.filename, f.lineno) for f in traceback.extract_stack()]
+            sites.append(sync_site([(f, n) for f, n in stack if Path(f).name != "warnings.py"]))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show   # restored by catch_warnings
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+
+
+def device_work(events):
+    """The events of work on the GPU (kernels, copies, memsets): not the device-side spans
+    that the profiler draws for `record_function` ranges (our phases, ``Optimizer.step``),
+    which cover the kernels inside them and would count their time twice."""
+    return [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
 
 
 def kernels_in(spans: dict[str, list[tuple[float, float]]], kernels: list[tuple[float, float]]) -> dict[str, float]:
@@ -121,9 +160,9 @@ def profile_call(fn, device: torch.device, calls: int = 3, top: int = 12) -> dic
            "top_ops": [{"name": e.key, "calls": e.count / calls, "self_cpu_s": _s(e.self_cpu_time_total / calls)}
                        for e in ops[:top]]}
     if device.type == "cuda":
-        kernels = [(e.time_range.start, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
+        kernels = [(e.time_range.start, e.time_range.elapsed_us()) for e in device_work(events)]
         per_call = [kernels_in(call, kernels) for call in spans]
-        by_kernel = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        by_kernel = device_work(prof.key_averages())
         by_kernel.sort(key=lambda e: e.self_device_time_total, reverse=True)
         out["device"] = {
             "kernel_s": _s(sum(d for _, d in kernels) / calls),
@@ -131,14 +170,9 @@ def profile_call(fn, device: torch.device, calls: int = 3, top: int = 12) -> dic
             "phases_kernel_s": {name: statistics.median(c.get(name, 0.0) for c in per_call) for name in out["phases_s"]},
             "top_kernels": [{"name": e.key[:120], "calls": e.count / calls,
                              "self_device_s": _s(e.self_device_time_total / calls)} for e in by_kernel[:top]]}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+        with host_sync_sites(device) as sites:
+            fn()
         torch.cuda.synchronize(device)
-        out["host_sync_sites"] = sync_sites(caught)
-        out["host_syncs"] = len(out["host_sync_sites"])
+        out["host_sync_sites"] = sites
+        out["host_syncs"] = len(sites)
     return out

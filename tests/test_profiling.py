@@ -11,7 +11,7 @@ import torch
 
 import mow
 from mow.profiling import (kernels_in, median_phase_times, params_with_grad, phase, phases_by_call, profile_call,
-                           sync_sites)
+                           sync_site, host_sync_sites, device_work)
 
 torch.set_num_threads(2)
 
@@ -61,17 +61,44 @@ def test_kernels_are_attributed_to_the_phase_span_they_start_in():
     assert kernels_in(spans, kernels) == {"a": 6e-6, "b": 5e-6}  # the kernel at 40 µs is in none
 
 
-def test_host_syncs_are_each_located_by_file_and_line():
+def test_host_syncs_are_located_by_the_package_line_that_led_to_them():
     package = Path(mow.__file__).resolve().parent
+    torch_code = "/usr/lib/python3/site-packages/torch"
+    bench, vae = (str(package / "bench.py"), 130), (str(package / "models" / "vae.py"), 88)
+    profiling = (str(package / "profiling.py"), 150)   # the collector's own frames are left out
+    script = ("/opt/src/project/tools/step.py", 7)
+    assert sync_site([script, bench, vae, (f"{torch_code}/nn/modules/module.py", 1775),
+                      (f"{torch_code}/nn/utils/clip_grad.py", 40), profiling]) == \
+        "mow/models/vae.py:88 -> torch/nn/utils/clip_grad.py:40"
+    assert sync_site([script, bench, vae, profiling]) == "mow/models/vae.py:88"          # synced in our line
+    assert sync_site([script, (f"{torch_code}/cuda/__init__.py", 1270)]) == \
+        "torch/cuda/__init__.py:1270"                                                   # no package frame
 
-    def warning(message: str, filename: Path, lineno: int) -> warnings.WarningMessage:
-        return warnings.WarningMessage(UserWarning(message), UserWarning, str(filename), lineno)
 
-    sync = "called a synchronizing CUDA operation"
-    caught = [warning(sync, package / "models" / "row_groups.py", 61),
-              warning(sync, Path("/usr/lib/python3/site-packages/torch/nn/utils/clip_grad.py"), 40),
-              warning(sync, Path("/opt/src/project/tools/step.py"), 7),
-              warning("an unrelated warning", package / "bench.py", 3),
-              warning(sync, package / "bench.py", 130)]
-    assert sync_sites(caught) == ["mow/models/row_groups.py:61", "torch/nn/utils/clip_grad.py:40",
-                                  "project/tools/step.py:7", "mow/bench.py:130"]
+def test_host_sync_sites_collects_sync_warnings_only_with_their_caller():
+    def synchronising_call():
+        warnings.warn("called a synchronizing CUDA operation")   # as torch's sync debug mode words it
+
+    with host_sync_sites(torch.device("cpu")) as sites:
+        synchronising_call()
+        warnings.warn("an unrelated warning")
+        synchronising_call()
+    line = synchronising_call.__code__.co_firstlineno + 1
+    assert len(sites) == 2 and all(site.endswith(f"tests/test_profiling.py:{line}") for site in sites)
+
+
+def test_device_work_leaves_out_the_device_spans_of_annotated_ranges():
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(i, name, start, end, device=DeviceType.CUDA, annotation=False):
+        return FunctionEvent(i, name, thread=0, start_us=start, end_us=end, device_type=device,
+                             is_user_annotation=annotation)
+
+    events = [event(0, "phase/loss", 0, 100, DeviceType.CPU),
+              event(1, "phase/loss", 5, 90, annotation=True),        # the range drawn on the GPU
+              event(2, "Optimizer.step#Adam.step", 90, 99, annotation=True),
+              event(3, "gemm_kernel", 5, 40), event(4, "Memcpy HtoD", 40, 42), event(5, "softmax_kernel", 60, 90)]
+    work = device_work(events)
+    assert [e.name for e in work] == ["gemm_kernel", "Memcpy HtoD", "softmax_kernel"]
+    assert sum(e.time_range.elapsed_us() for e in work) == 35 + 2 + 30  # not 85 + 9 more
