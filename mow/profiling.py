@@ -108,6 +108,15 @@ def kernels_in(spans: dict[str, list[tuple[float, float]]], kernels: list[tuple[
             for name, ranges in spans.items()}
 
 
+def kernels_per_call(call_spans: list[tuple[float, float]], kernels: list[tuple[float, float]]) -> tuple[float, float]:
+    """Device seconds and number of the kernels (start, duration; µs) that start in each
+    call's span, each the median over the calls (like the phases: one call of a part that
+    follows an idle GPU, its clock still low, took twice the others' kernel time)."""
+    seconds = [kernels_in({"call": [span]}, kernels)["call"] for span in call_spans]
+    counts = [sum(lo <= start < hi for start, _ in kernels) for lo, hi in call_spans]
+    return statistics.median(seconds), statistics.median(counts)
+
+
 def phases_by_call(call_spans: list[tuple[float, float]], marked: list[tuple[str, float, float]]
                    ) -> list[dict[str, list[tuple[float, float]]]]:
     """The phase ranges (name, start, end) that fall in each call's span, per call and name."""
@@ -165,8 +174,7 @@ def profile_call(fn, device: torch.device, calls: int = 3, top: int = 12) -> dic
         by_kernel = device_work(prof.key_averages())
         by_kernel.sort(key=lambda e: e.self_device_time_total, reverse=True)
         out["device"] = {
-            "kernel_s": _s(sum(d for _, d in kernels) / calls),
-            "kernels": len(kernels) / calls,
+            **dict(zip(("kernel_s", "kernels"), kernels_per_call(call_spans, kernels))),
             "phases_kernel_s": {name: statistics.median(c.get(name, 0.0) for c in per_call) for name in out["phases_s"]},
             "top_kernels": [{"name": e.key[:120], "calls": e.count / calls,
                              "self_device_s": _s(e.self_device_time_total / calls)} for e in by_kernel[:top]]}

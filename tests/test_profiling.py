@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import mow
-from mow.profiling import (kernels_in, median_phase_times, params_with_grad, phase, phases_by_call, profile_call,
+from mow.profiling import (kernels_in, kernels_per_call, median_phase_times, params_with_grad, phase, phases_by_call, profile_call,
                            sync_site, host_sync_sites, device_work)
 
 torch.set_num_threads(2)
@@ -59,6 +59,14 @@ def test_kernels_are_attributed_to_the_phase_span_they_start_in():
     spans = {"a": [(0.0, 10.0), (20.0, 30.0)], "b": [(10.0, 20.0)]}
     kernels = [(1.0, 2.0), (9.0, 3.0), (10.0, 5.0), (25.0, 1.0), (40.0, 7.0)]  # (start, duration) µs
     assert kernels_in(spans, kernels) == {"a": 6e-6, "b": 5e-6}  # the kernel at 40 µs is in none
+
+
+def test_kernel_time_and_count_are_medians_over_the_calls():
+    calls = [(0.0, 100.0), (100.0, 200.0), (200.0, 300.0)]  # µs
+    kernels = [(10.0, 5.0), (20.0, 5.0),                       # call 1: 2 kernels, 10 µs
+               (110.0, 60.0), (170.0, 20.0), (180.0, 10.0),    # call 2 (a slow one): 3, 90 µs
+               (210.0, 4.0), (220.0, 8.0), (300.0, 1.0)]       # call 3: 2, 12 µs; the last is after it
+    assert kernels_per_call(calls, kernels) == (12e-6, 2)  # medians: 12 µs (not the mean, 37), 2
 
 
 def test_host_syncs_are_located_by_the_package_line_that_led_to_them():
