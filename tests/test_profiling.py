@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import mow
-from mow.profiling import (kernels_in, kernels_per_call, median_phase_times, params_with_grad, phase, phases_by_call, profile_call,
+from mow.profiling import (host_ranges, kernels_in, kernels_per_call, median_phase_times, params_with_grad, phase, phases_by_call, profile_call,
                            sync_site, host_sync_sites, device_work)
 
 torch.set_num_threads(2)
@@ -95,7 +95,7 @@ def test_host_sync_sites_collects_sync_warnings_only_with_their_caller():
     assert len(sites) == 2 and all(site.endswith(f"tests/test_profiling.py:{line}") for site in sites)
 
 
-def test_device_work_leaves_out_the_device_spans_of_annotated_ranges():
+def test_calls_phases_and_device_work_leave_out_the_device_spans_of_annotated_ranges():
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import FunctionEvent
 
@@ -107,6 +107,7 @@ def test_device_work_leaves_out_the_device_spans_of_annotated_ranges():
               event(1, "phase/loss", 5, 90, annotation=True),        # the range drawn on the GPU
               event(2, "Optimizer.step#Adam.step", 90, 99, annotation=True),
               event(3, "gemm_kernel", 5, 40), event(4, "Memcpy HtoD", 40, 42), event(5, "softmax_kernel", 60, 90)]
+    assert host_ranges(events, "phase/") == [("phase/loss", 0, 100)]   # the CPU's, not the GPU's copy
     work = device_work(events)
     assert [e.name for e in work] == ["gemm_kernel", "Memcpy HtoD", "softmax_kernel"]
     assert sum(e.time_range.elapsed_us() for e in work) == 35 + 2 + 30  # not 85 + 9 more

@@ -349,8 +349,9 @@ class MoWWorldModel(nn.Module):
     def _batched(self, device: torch.device) -> bool:
         """Whether a pass runs modules as ModuleBatches (``use_module_batches``):
         the cluster heads in every pass; the experts in no-grad eval passes only
-        (imagination, acting): in training, their dropout and attention under ``vmap`` have
-        not been measured on a GPU."""
+        (imagination, acting). Batched in the world-model update too, on an H200 the fused
+        attention's backward failed under ``vmap`` ("LSE is not correctly aligned") and,
+        with the math kernel, the update took 7 % longer in fp32 (README, "On a GPU")."""
         return use_module_batches(self.batch_modules, device)
 
     # ------------------------------------------------------------------ sequence model
