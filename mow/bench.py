@@ -5,7 +5,7 @@ count grow with the number of tasks and experts against K separate STORMs; optio
 (``--profile``) where each part spends its time (`mow.profiling`); an estimate of the
 device-hours of the paper-scale DAG. Written as JSON plus a figure next to it.
 
-Timings are medians over `repeats` after one warm-up call; STORM and MoW each run in a
+Timings are medians over `repeats` after warm-up calls; STORM and MoW each run in a
 process of their own, their repeats interleaved so that their ratio survives load changes
 on a shared machine. Beside the times, each part's matmul / convolution / attention FLOPs
 are counted once (`torch.utils.flop_counter`): a MoW/STORM cost ratio that no load on the
@@ -252,8 +252,8 @@ class _Setup:
             t0 = time.perf_counter()
             fn()
             _sync(self.device)
-            if not record:  # the warm-up call: a compiled update compiles here
-                self.first_call_s[name] = time.perf_counter() - t0
+            if not record:  # the first warm-up call: a compiled update compiles here
+                self.first_call_s.setdefault(name, time.perf_counter() - t0)
             if record:
                 self.samples[name].append((time.perf_counter() - t0) * self._scale(name))
 
@@ -314,9 +314,9 @@ def _answer(method: str, conn, proc) -> object:
 def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int | None = None,
                  methods: tuple[str, ...] = ("storm", "mow"), profile: bool = False) -> dict[str, dict]:
     """One env step's updates of each of `methods` (STORM; MoW over the 26 Atari games with
-    task-mixed batches), medians over `repeats` after one warm-up call, and each part's
+    task-mixed batches), medians over `repeats` after a warm-up call, and each part's
     FLOPs and operators, counted in a call after the warm-up (the optimisers' state exists by
-    then: the operators are those of a steady update).
+    then: the operators are those of a steady update), then one more warm-up call.
 
     Each method runs in a process of its own, as it trains: sharing one process made the
     second method's timings depend on the memory the first had freed (STORM's imagination
@@ -336,7 +336,10 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
             child.close()
             workers[method] = (conn, proc)
             _answer(method, conn, proc)
-        for request in ["warm-up", "count"] + ["record"] * repeats + ["profile"] * profile:
+        # warmed up again after the count's seconds of host-only work: on an H200 the first
+        # timed round after it had calls up to 9x slower than the rest (the idle GPU's clock
+        # drops, the likely cause)
+        for request in ["warm-up", "count", "warm-up"] + ["record"] * repeats + ["profile"] * profile:
             for method, (conn, proc) in workers.items():
                 conn.send(request)
                 _answer(method, conn, proc)
