@@ -97,7 +97,7 @@ def host_ranges(events, prefix: str) -> list[tuple[str, float, float]]:
     """(name, start, end; µs) of the host's `record_function` ranges whose names start with
     ``prefix``, in time order. On CUDA the profiler also records ranges on the GPU under the
     same names; taken for calls, they made 3 profiled calls 6, three of them holding no
-    phases or kernels, and the medians over them half the real figures (H200, torch 2.11)."""
+    phases, and the medians over them half the real figures (H200, torch 2.11)."""
     return sorted(((e.name, e.time_range.start, e.time_range.end) for e in events
                    if e.name.startswith(prefix) and e.device_type == DeviceType.CPU), key=lambda r: r[1])
 
@@ -119,8 +119,8 @@ def kernels_in(spans: dict[str, list[tuple[float, float]]], kernels: list[tuple[
 
 def kernels_per_call(call_spans: list[tuple[float, float]], kernels: list[tuple[float, float]]) -> tuple[float, float]:
     """Device seconds and number of the kernels (start, duration; µs) that start in each
-    call's span, each the median over the calls (like the phases: one call of a part that
-    follows an idle GPU, its clock still low, took twice the others' kernel time)."""
+    call's span, each the median over the calls, like the phases: one slow call (after the
+    GPU idled, say) moves a mean, not the median."""
     seconds = [kernels_in({"call": [span]}, kernels)["call"] for span in call_spans]
     counts = [sum(lo <= start < hi for start, _ in kernels) for lo, hi in call_spans]
     return statistics.median(seconds), statistics.median(counts)

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 import mow
-from mow.profiling import (host_ranges, kernels_in, kernels_per_call, median_phase_times, params_with_grad, phase, phases_by_call, profile_call,
-                           sync_site, host_sync_sites, device_work)
+from mow.profiling import (device_work, host_ranges, host_sync_sites, kernels_in, kernels_per_call, median_phase_times,
+                           params_with_grad, phase, phases_by_call, profile_call, sync_site)
 
 torch.set_num_threads(2)
 

@@ -3,9 +3,10 @@
 MoW runs every expert on the rows of the tasks routed to it, and every cluster's heads and
 critic on that cluster's rows; in imagination at every imagined step (with 7 experts and
 13 clusters in use, ~250 operators per step). On a GPU a step of that many small
-operators is bound by kernel launches, not arithmetic (README, Speed). :class:`ModuleBatch` stacks the modules' weights
-and runs the same module code over the stack with ``torch.func.vmap`` +
-``functional_call``, so each operator launches once for all of them. Rows are padded to
+operators is bound by kernel launches, not arithmetic (README, Speed).
+:class:`ModuleBatch` stacks the modules' weights and runs the same module code over the
+stack with ``torch.func.vmap`` + ``functional_call``, so each operator launches once for
+all of them. Rows are padded to
 the largest group (padding repeats a real row; its outputs are dropped): FLOPs that a GPU
 has to spare and a CPU does not, so the models take this path on CUDA only
 (:func:`use_module_batches`) and loop on CPU.
