@@ -5,7 +5,8 @@ count grow with the number of tasks and experts against K separate STORMs; optio
 (``--profile``) where each part spends its time (`mow.profiling`); an estimate of the
 device-hours of the paper-scale DAG. Written as JSON plus a figure next to it.
 
-Timings are medians over `repeats` after warm-up calls; STORM and MoW each run in a
+Timings are medians over `repeats` after warm-up rounds, which last until the process's
+memory stops growing (`settle`); STORM and MoW each run in a
 process of their own, their repeats interleaved so that their ratio survives load changes
 on a shared machine. Beside the times, each part's matmul / convolution / attention FLOPs
 are counted once (`torch.utils.flop_counter`): a MoW/STORM cost ratio that no load on the
@@ -42,6 +43,41 @@ OFFICIAL_STORM_CPU_FP32 = {"wm_update_s": 5.3, "imagine_and_ac_update_s": 17.6}
 
 #: The timed parts of one env step's updates (a compiled run adds the eager update beside them).
 STEP_PARTS = ("wm_update", "imagine", "ac_update")
+
+#: Warm-up ends after SETTLE_QUIET_ROUNDS rounds in a row whose page faults each touch less
+#: memory than SETTLE_FAULT_SHARE of the process's peak resident size, or after
+#: MAX_SETTLE_ROUNDS rounds (`settle`).
+SETTLE_FAULT_SHARE = 0.01
+SETTLE_QUIET_ROUNDS = 2
+MAX_SETTLE_ROUNDS = 10
+
+
+def minor_page_faults() -> int:
+    """Page faults this process has taken without I/O so far. With the CPU allocator
+    retaining freed memory (`retain_cpu_memory`), nearly all of them are first writes to
+    pages the heap has just grown by, each zero-filled by the kernel."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def settle(run_round, limit_faults: int, quiet: int = SETTLE_QUIET_ROUNDS,
+           max_rounds: int = MAX_SETTLE_ROUNDS) -> tuple[int, bool]:
+    """Call ``run_round`` (one untimed round; returns its page faults) until ``quiet``
+    rounds in a row take fewer than ``limit_faults`` each, at most ``max_rounds`` times;
+    return (rounds run, whether they ended quiet).
+
+    Why: a process's heap keeps growing for several rounds after the first (freed blocks
+    do not yet fit the next round's sizes), and the pages it grows by fault on first touch.
+    On the reference CPU, at the paper scale, STORM's imagination took 7.7 s in a round
+    that faulted 1.9 GB in and 4.8-5.2 s in the rounds after; MoW's process grew for 5-6
+    rounds, to 6.8 GB. A training run does thousands of updates past that point, so the
+    timed rounds start once the growth has stopped. One quiet round is not enough: with
+    the first under 1 % in a run, STORM's next imagination still faulted 128 MiB in."""
+    in_a_row = 0
+    for rounds in range(1, max_rounds + 1):
+        in_a_row = in_a_row + 1 if run_round() < limit_faults else 0
+        if in_a_row == quiet:
+            return rounds, True
+    return max_rounds, False
 
 
 def _sync(device: torch.device) -> None:
@@ -213,6 +249,7 @@ class _Setup:
         self.profile: dict[str, dict] = {}
         self.first_call_s: dict[str, float] = {}
         self.samples: dict[str, list[float]] = {name: [] for name in self.parts}
+        self.faults: dict[str, list[int]] = {name: [] for name in self.parts}  # per recorded call
         self.meta = {"wm_batch": [B, T], "imag_batch": self.full_batch, "imag_batch_measured": self.imag_batch,
                      "imag_horizon": cfg["imag_horizon"],
                      "parameters": sum(p.numel() for p in wm.parameters()) + sum(p.numel() for p in ac.parameters())}
@@ -246,16 +283,31 @@ class _Setup:
             if name in self.updated:
                 self.profile[name]["params_with_grad"] = params_with_grad(self.updated[name])
 
-    def run_once(self, record: bool) -> None:
+    def run_once(self, record: bool) -> int:
+        """One call of each part, timed (kept with ``record``); returns the page faults the
+        round took (recorded per part with ``record``)."""
+        total = 0
         for name, fn in self.parts.items():
             _sync(self.device)
-            t0 = time.perf_counter()
+            faults, t0 = minor_page_faults(), time.perf_counter()
             fn()
             _sync(self.device)
+            seconds, faults = time.perf_counter() - t0, minor_page_faults() - faults
+            total += faults
             if not record:  # the first warm-up call: a compiled update compiles here
-                self.first_call_s.setdefault(name, time.perf_counter() - t0)
+                self.first_call_s.setdefault(name, seconds)
             if record:
-                self.samples[name].append((time.perf_counter() - t0) * self._scale(name))
+                self.samples[name].append(seconds * self._scale(name))
+                self.faults[name].append(faults)
+        return total
+
+    def settle(self) -> None:
+        """Untimed rounds until the process's memory stops growing (:func:`settle`: two
+        rounds in a row each faulting in under 1 % of the peak resident size); the first of
+        them is also the warm-up after the counting call's seconds of host-only work."""
+        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        limit = int(SETTLE_FAULT_SHARE * peak_bytes / resource.getpagesize())
+        self.meta["settle_rounds"], self.meta["settled"] = settle(lambda: self.run_once(record=False), limit)
 
     def result(self) -> dict:
         t = {name: statistics.median(v) for name, v in self.samples.items()}
@@ -272,6 +324,7 @@ class _Setup:
                 "imagine_and_ac_update_s": t["imagine"] + t["ac_update"],
                 "train_step_s": sum(t.values()),  # one env step's updates at update_ratio 1
                 "samples_s": {name: [round(x, 4) for x in v] for name, v in self.samples.items()},
+                "page_faults": self.faults,
                 "flops": {**self.flops, "train_step": sum(self.flops.values())},
                 "ops": {**self.ops, "train_step": sum(self.ops.values())}}
 
@@ -292,6 +345,8 @@ def _method_worker(conn, params: Params, runtime: Runtime, imag_batch: int | Non
                 setup.record_work()
             elif request == "profile":
                 setup.record_profile()
+            elif request == "settle":
+                setup.settle()
             else:
                 setup.run_once(record=request == "record")
             conn.send(("done", None))
@@ -316,7 +371,9 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
     """One env step's updates of each of `methods` (STORM; MoW over the 26 Atari games with
     task-mixed batches), medians over `repeats` after a warm-up call, and each part's
     FLOPs and operators, counted in a call after the warm-up (the optimisers' state exists by
-    then: the operators are those of a steady update), then one more warm-up call.
+    then: the operators are those of a steady update), then warm-up rounds until the
+    process's memory stops growing (:func:`settle`). Each timed call's page faults are kept
+    beside its time.
 
     Each method runs in a process of its own, as it trains: sharing one process made the
     second method's timings depend on the memory the first had freed (STORM's imagination
@@ -336,10 +393,10 @@ def bench_models(params: Params, runtime: Runtime, repeats: int, imag_batch: int
             child.close()
             workers[method] = (conn, proc)
             _answer(method, conn, proc)
-        # warmed up again after the count's seconds of host-only work: on an H200 the first
-        # timed round after it had calls up to 9x slower than the rest (the idle GPU's clock
-        # drops, the likely cause)
-        for request in ["warm-up", "count", "warm-up"] + ["record"] * repeats + ["profile"] * profile:
+        # settled after the count's seconds of host-only work: on an H200 the first timed
+        # round after it had calls up to 9x slower than the rest (the idle GPU's clock drops,
+        # the likely cause); on a CPU the heap grows for rounds more (`settle`)
+        for request in ["warm-up", "count", "settle"] + ["record"] * repeats + ["profile"] * profile:
             for method, (conn, proc) in workers.items():
                 conn.send(request)
                 _answer(method, conn, proc)

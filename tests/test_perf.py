@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from mow.bench import count_flops, count_ops, count_work, round_totals
+from mow.bench import MAX_SETTLE_ROUNDS, count_flops, count_ops, count_work, minor_page_faults, round_totals, settle
 from mow.config import load_params
 from mow.models import linear as fast_linear
 from mow.models.linear import Linear, uses_onednn
@@ -251,6 +252,27 @@ def test_operator_count_skips_views_and_counts_backward_operators():
     assert count_ops(lambda: (x @ w).sum().backward()) == 5  # + add_: the gradient now accumulates
 
 
+def test_settle_runs_rounds_until_enough_in_a_row_fault_under_the_limit():
+    """`mow bench`'s warm-up: rounds until ``quiet`` in a row take fewer page faults than
+    the limit, at most ``max_rounds``; the counter it reads counts first touches of fresh
+    memory."""
+    faults = iter([90_000, 999, 50_000, 10, 0, 70_000])
+    assert settle(lambda: next(faults), limit_faults=1_000, quiet=2) == (5, True)  # a quiet round alone is not enough
+    faults = iter([90_000, 999, 50_000])
+    assert settle(lambda: next(faults), limit_faults=1_000, quiet=1) == (2, True)
+    calls = []
+    assert settle(lambda: calls.append(1) or 5_000, limit_faults=1_000, max_rounds=4) == (4, False)
+    assert len(calls) == 4
+    size = 32 * 2**20
+    data = b"\x01" * size
+    with mmap.mmap(-1, size) as fresh:  # pages no one has touched, whatever malloc keeps
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            fresh.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per 4 KiB page, not per 2 MiB
+        before = minor_page_faults()
+        fresh.write(data)
+        assert minor_page_faults() - before >= 0.9 * size / mmap.PAGESIZE
+
+
 def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_samples(tmp_path):
     """`mow bench` at the smoke scale (2 repeats, tiny imagination batch): the JSON holds each
     part of an env step's updates for STORM and MoW, their ratio from the same interleaved
@@ -269,6 +291,9 @@ def test_bench_entry_point_writes_every_figure_with_interleaved_storm_and_mow_sa
             assert len(method["samples_s"][part]) == 2 and method[f"{part}_s"] > 0
         assert method["train_step_s"] == pytest.approx(method["wm_update_s"] + method["imagine_s"] + method["ac_update_s"])
         assert method["peak_rss_mib"] > 0 and method["imag_batch_measured"] == 8
+        assert 1 <= method["settle_rounds"] <= MAX_SETTLE_ROUNDS and isinstance(method["settled"], bool)
+        assert all(len(method["page_faults"][part]) == 2 and min(method["page_faults"][part]) >= 0
+                   for part in ("wm_update", "imagine", "ac_update"))
     rounds = [m / s for s, m in zip(round_totals(smoke), round_totals(smoke["mow"]))]
     assert len(rounds) == 2 and smoke["mow_vs_storm_update_cost"] == pytest.approx(sum(rounds) / 2)
     assert smoke["mow_vs_storm_update_cost_rounds"] == pytest.approx(rounds, abs=1e-4)
