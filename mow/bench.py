@@ -294,18 +294,18 @@ class _Setup:
             _sync(self.device)
             seconds, faults = time.perf_counter() - t0, minor_page_faults() - faults
             total += faults
-            if not record:  # the first warm-up call: a compiled update compiles here
-                self.first_call_s.setdefault(name, seconds)
             if record:
                 self.samples[name].append(seconds * self._scale(name))
                 self.faults[name].append(faults)
+            else:  # the first warm-up call: a compiled update compiles here
+                self.first_call_s.setdefault(name, seconds)
         return total
 
     def settle(self) -> None:
         """Untimed rounds until the process's memory stops growing (:func:`settle`: two
         rounds in a row each faulting in under 1 % of the peak resident size); the first of
         them is also the warm-up after the counting call's seconds of host-only work."""
-        peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak_bytes = peak_memory(self.device)["peak_rss_mib"] * 2**20
         limit = int(SETTLE_FAULT_SHARE * peak_bytes / resource.getpagesize())
         self.meta["settle_rounds"], self.meta["settled"] = settle(lambda: self.run_once(record=False), limit)
 
