@@ -10,6 +10,8 @@
     mow aggregate | figures | report          results tables, figures, REPORT.md (report --all: all three)
     mow params                                parameter counts per component (MoW, STORM, 26 STORMs)
     mow bench                                 throughput benchmark, written as JSON
+    mow bench-versions 021078a HEAD           one method's updates in two versions of this code,
+                                              side by side (before/after a change), as JSON
     mow sync-mlflow [RUN_DIR ...]             send MLflow calls spooled while the store was down
 
 Bad input ends with one line `mow: error: ...` naming the key, file or value, exit code 2,
@@ -105,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imag-batch", type=int, default=None, help="override the imagination batch (scaled to the full batch)")
     p.add_argument("--profile", action="store_true",
                    help="also profile 3 calls of each part: phase times, top operators, CUDA kernels and host syncs")
+
+    p = sub.add_parser("bench-versions", help="updates of two or more versions of this code, side by side (JSON)")
+    p.add_argument("versions", nargs="+",
+                   help="git revisions, each REV or REV+KEY=VALUE+... with overrides for it; . is the working tree")
+    p.add_argument("--scale", default="paper", help="scale preset of each version's params.yaml")
+    p.add_argument("--methods", default="storm,mow", help="comma-separated: storm, mow")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("results/bench/versions.json"), help="JSON output")
 
     p = sub.add_parser("sync-mlflow", help="send MLflow calls spooled while the store was down")
     p.add_argument("paths", nargs="*", type=Path, default=[Path("runs")],
@@ -442,6 +452,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_versions(args) -> int:
+    from mow.bench_versions import METHODS, compare_versions, markdown_table, parse_version
+    from mow.checkpoint import atomic_write_text
+
+    if len(args.versions) < 2:
+        raise UsageError(f"bench-versions: give at least two versions to compare, got {args.versions}")
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UsageError(f"--methods: expected a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats: must be >= 1, got {args.repeats}")
+    try:
+        for version in args.versions:
+            parse_version(version)
+        result = compare_versions(Path.cwd(), args.versions, scale=args.scale, methods=methods, repeats=args.repeats)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    print(markdown_table(result))
+    print(f"bench-versions: wrote {args.out}")
+    return 0
+
+
 def cmd_sync_mlflow(args) -> int:
     from mow.tracking import sync_spools, tracking_uri
 
@@ -471,7 +505,8 @@ def _interrupt_on_sigterm() -> None:
 
 
 COMMANDS = {"sync-mlflow": cmd_sync_mlflow, "train": cmd_train, "collect": cmd_collect, "pretrain": cmd_pretrain, "cluster": cmd_cluster,
-            "evaluate": cmd_evaluate, "params": cmd_params, "bench": cmd_bench}
+            "evaluate": cmd_evaluate, "params": cmd_params, "bench": cmd_bench,
+            "bench-versions": cmd_bench_versions}
 
 
 def main(argv: list[str] | None = None) -> int:
