@@ -134,10 +134,10 @@ def _worker(root: str, method: str, scale: str, threads: str, *overrides: str) -
     answer({"package": str(Path(mow.__file__).parent)})   # whose code runs: the version's
     for request in map(str.strip, sys.stdin):
         if request == "settle":
-            one_round()   # the warm-up
+            one_round()   # the warm-up; then settle_rounds counts the rounds after it, as mow.bench does
             limit = SETTLE_FAULT_SHARE * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / resource.getpagesize()
-            rounds, quiet = 1, 0
-            while quiet < SETTLE_QUIET_ROUNDS and rounds < MAX_SETTLE_ROUNDS + 1:
+            rounds, quiet = 0, 0
+            while quiet < SETTLE_QUIET_ROUNDS and rounds < MAX_SETTLE_ROUNDS:
                 quiet = quiet + 1 if one_round()[1] < limit else 0
                 rounds += 1
             answer({"settle_rounds": rounds, "settled": quiet >= SETTLE_QUIET_ROUNDS})

@@ -32,7 +32,8 @@ def test_entry_point_times_each_version_from_its_own_package(tmp_path):
     assert head["commit"] == commit and work_tree["commit"].startswith(commit)
     for run in result["runs"]:
         assert run["method"] == "storm" and run["peak_rss_mib"] > 0
-        assert 2 <= run["settle_rounds"] <= MAX_SETTLE_ROUNDS + 1 and isinstance(run["settled"], bool)
+        assert 2 <= run["settle_rounds"] <= MAX_SETTLE_ROUNDS
+        assert run["settled"] or run["settle_rounds"] == MAX_SETTLE_ROUNDS   # only the cap ends unsettled
         assert all(len(run["samples_s"][part]) == 2 and run[f"{part}_s"] > 0 for part in PARTS)
         assert len(run["page_faults"]) == 2 and min(run["page_faults"]) >= 0
         steps = [sum(run["samples_s"][part][i] for part in PARTS) for i in range(2)]
