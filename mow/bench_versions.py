@@ -4,7 +4,7 @@ code, side by side in one run, to measure what a change did.
 `mow bench` compares the methods within one version. A before/after of the code needs each
 version's own models and update code, so each version runs from a copy of its files
 (``git archive REV``; ``.`` is the working tree as it is) in a process of its own, with that
-copy first on ``PYTHONPATH``; only the timing below is this version's, the same for all. It
+copy first on ``PYTHONPATH``; only the timing is this file's, the same for every version. It
 follows `mow bench`: one warm-up round, untimed rounds until the process stops growing (two
 in a row each faulting in under 1 % of its peak resident size, at most 10), then timed
 rounds alternating between the versions, one process computing at a time, so that a load
