@@ -35,6 +35,7 @@ from mow.config import Params
 from mow.models import linear
 from mow.profiling import params_with_grad, phase, profile_call
 from mow.runtime import Runtime, adam, make_runtime, retain_cpu_memory
+from mow.settling import MAX_SETTLE_ROUNDS, fault_limit, minor_page_faults, settle
 
 # The official STORM code measured on this project's reference CPU (2 vCPU AMD EPYC,
 # fp32, 2 threads; DESIGN.md): seconds per world-model update at 16x64 and per 1024x16
@@ -43,42 +44,6 @@ OFFICIAL_STORM_CPU_FP32 = {"wm_update_s": 5.3, "imagine_and_ac_update_s": 17.6}
 
 #: The timed parts of one env step's updates (a compiled run adds the eager update beside them).
 STEP_PARTS = ("wm_update", "imagine", "ac_update")
-
-#: Warm-up ends after SETTLE_QUIET_ROUNDS rounds in a row whose page faults each touch less
-#: memory than SETTLE_FAULT_SHARE of the process's peak resident size, or after
-#: MAX_SETTLE_ROUNDS rounds (`settle`).
-SETTLE_FAULT_SHARE = 0.01
-SETTLE_QUIET_ROUNDS = 2
-MAX_SETTLE_ROUNDS = 10
-
-
-def minor_page_faults() -> int:
-    """Page faults this process has taken without I/O so far. With the CPU allocator
-    retaining freed memory (`retain_cpu_memory`), nearly all of them are first writes to
-    pages the heap has just grown by, each zero-filled by the kernel."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def settle(run_round, limit_faults: int, quiet: int = SETTLE_QUIET_ROUNDS,
-           max_rounds: int = MAX_SETTLE_ROUNDS) -> tuple[int, bool]:
-    """Call ``run_round`` (one untimed round; returns its page faults) until ``quiet``
-    rounds in a row take fewer than ``limit_faults`` each, at most ``max_rounds`` times;
-    return (rounds run, whether they ended quiet).
-
-    Why: a process's heap keeps growing for several rounds after the first (freed blocks
-    do not yet fit the next round's sizes), and the pages it grows by fault on first touch.
-    On the reference CPU, at the paper scale, STORM's imagination took 7.7 s in a round
-    that faulted 1.9 GB in and 4.8-5.2 s in the rounds after; MoW's process grew for 5-6
-    rounds, to 6.8 GB. A training run does thousands of updates past that point, so the
-    timed rounds start once the growth has stopped. One quiet round is not enough: with
-    the first under 1 % in a run, STORM's next imagination still faulted 128 MiB in."""
-    in_a_row = 0
-    for rounds in range(1, max_rounds + 1):
-        in_a_row = in_a_row + 1 if run_round() < limit_faults else 0
-        if in_a_row == quiet:
-            return rounds, True
-    return max_rounds, False
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -305,8 +270,7 @@ class _Setup:
         """Untimed rounds until the process's memory stops growing (:func:`settle`: two
         rounds in a row each faulting in under 1 % of the peak resident size); the first of
         them is also the warm-up after the counting call's seconds of host-only work."""
-        peak_bytes = peak_memory(self.device)["peak_rss_mib"] * 2**20
-        limit = int(SETTLE_FAULT_SHARE * peak_bytes / resource.getpagesize())
+        limit = fault_limit(peak_memory(self.device)["peak_rss_mib"] * 2**20)
         self.meta["settle_rounds"], self.meta["settled"] = settle(lambda: self.run_once(record=False), limit)
 
     def result(self) -> dict:

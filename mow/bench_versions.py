@@ -18,6 +18,7 @@ given the others' with overrides: ``REV+model.mow.expert_layers=1+...``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -34,9 +35,6 @@ from pathlib import Path
 
 PARTS = ("wm_update", "imagine", "ac_update")
 METHODS = ("storm", "mow")
-# the settling rule of mow.bench (SETTLE_*): the worker cannot import it, as it runs with
-# another version's package on its path, which may predate it
-SETTLE_FAULT_SHARE, SETTLE_QUIET_ROUNDS, MAX_SETTLE_ROUNDS = 0.01, 2, 10
 
 
 def parse_version(text: str) -> tuple[str, list[str]]:
@@ -80,8 +78,13 @@ def _git(repo: Path, *args: str) -> str:
 
 # ---------------------------------------------------------------- worker (another version's code)
 
-def _faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _settling():
+    """This checkout's `mow/settling.py`, loaded by path: in a worker ``mow`` is another
+    version's package, which may predate it."""
+    spec = importlib.util.spec_from_file_location("_mow_settling", Path(__file__).with_name("settling.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _parts(root: Path, method: str, scale: str, overrides: list[str], threads: int):
@@ -118,15 +121,17 @@ def _worker(root: str, method: str, scale: str, threads: str, *overrides: str) -
         return
     import mow
 
+    settling = _settling()
+
     def one_round() -> tuple[list[float], int]:
-        seconds, faults = [], _faults()
+        seconds, faults = [], settling.minor_page_faults()
         for fn in fns:
             sync()
             t0 = time.perf_counter()
             fn()
             sync()
             seconds.append(time.perf_counter() - t0)
-        return seconds, _faults() - faults
+        return seconds, settling.minor_page_faults() - faults
 
     def answer(obj: dict) -> None:
         print(json.dumps(obj), flush=True)
@@ -135,12 +140,9 @@ def _worker(root: str, method: str, scale: str, threads: str, *overrides: str) -
     for request in map(str.strip, sys.stdin):
         if request == "settle":
             one_round()   # the warm-up; then settle_rounds counts the rounds after it, as mow.bench does
-            limit = SETTLE_FAULT_SHARE * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / resource.getpagesize()
-            rounds, quiet = 0, 0
-            while quiet < SETTLE_QUIET_ROUNDS and rounds < MAX_SETTLE_ROUNDS:
-                quiet = quiet + 1 if one_round()[1] < limit else 0
-                rounds += 1
-            answer({"settle_rounds": rounds, "settled": quiet >= SETTLE_QUIET_ROUNDS})
+            limit = settling.fault_limit(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            rounds, settled = settling.settle(lambda: one_round()[1], limit)
+            answer({"settle_rounds": rounds, "settled": settled})
         elif request == "record":
             seconds, faults = one_round()
             answer({"seconds": seconds, "page_faults": faults})

@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from mow.bench_versions import MAX_SETTLE_ROUNDS, PARTS, parse_version
+from mow.bench_versions import PARTS, parse_version
+from mow.settling import MAX_SETTLE_ROUNDS
 
 from conftest import REPO, run_mow
 
